@@ -1,0 +1,77 @@
+"""The joblib backend: every ``Parallel`` batch it accepts runs on the cluster.
+
+joblib's ``Parallel`` owns batching and pre-dispatch; this backend only says
+where a batch runs (a :class:`~clustersearch._scheduler.Session`).
+"""
+
+from joblib._parallel_backends import (
+    AutoBatchingMixin,
+    FallbackToBackend,
+    LokyBackend,
+    ParallelBackendBase,
+    SequentialBackend,
+    ThreadingBackend,
+)
+
+__all__ = ["ClusterBackend"]
+
+
+class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
+    """Runs joblib batches on the nodes of a session.
+
+    Parameters
+    ----------
+    session : Session
+    first_only : bool, default=False
+        Accept only the first ``Parallel`` configured with this backend (a
+        search's own), and hand every later one (the refit's, which
+        scikit-learn runs in the client) to joblib's local backends.
+
+    Notes
+    -----
+    ``n_jobs`` does not limit the cluster: a call's parallelism is the
+    nodes' total concurrency, and it never drops to joblib's in-client
+    sequential path, which would bypass the backend. ``Parallel`` calls that
+    ask for threads or shared memory run locally in threads: they hold
+    fine-grained work on shared objects that cannot cross hosts.
+    """
+
+    supports_retrieve_callback = True
+    supports_timeout = True
+    # Honoured by running such calls locally in threads (see configure).
+    supports_sharedmem = True
+    default_n_jobs = -1
+
+    def __init__(self, session, *, first_only=False, nesting_level=None, **kwargs):
+        super().__init__(nesting_level=nesting_level, **kwargs)
+        self.session = session
+        self.first_only = first_only
+        self._claimed = None
+
+    def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **kwargs):
+        local = prefer == "threads" or require == "sharedmem"
+        if self.first_only:
+            local = local or (self._claimed is not None and parallel is not self._claimed)
+        if local:
+            backend = ThreadingBackend if (prefer == "threads" or require == "sharedmem") else LokyBackend
+            raise FallbackToBackend(backend(nesting_level=0))
+        self._claimed = parallel
+        self.parallel = parallel
+        return self.effective_n_jobs(n_jobs)
+
+    def effective_n_jobs(self, n_jobs):
+        # At least 2: joblib runs n_jobs == 1 in the client without asking us.
+        return max(2, self.session.capacity)
+
+    def submit(self, func, callback=None):
+        return self.session.submit(func, callback)
+
+    def retrieve_result_callback(self, future):
+        return future.result()
+
+    def abort_everything(self, ensure_ready=True):
+        self.session.cancel_pending()
+
+    def get_nested_backend(self):
+        # Inside a fit on a node: the node's processes already fill its cores.
+        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None

@@ -1,0 +1,267 @@
+"""Client-side dispatch: where each batch of fits goes, and what comes back.
+
+One dispatcher thread owns every Celery object of a session (producer,
+result consumer): Celery's result consumers are not thread-safe, and joblib
+calls ``submit`` both from the caller's thread and from result callbacks.
+``submit`` only pickles the batch and queues it.
+
+Each node gets at most ``concurrency + queued_per_node`` batches at a time
+and more as its results come back, so a slow node gets less work and a fast
+one more; nothing waits in a slow node's queue while a fast node idles.
+"""
+
+import logging
+import socket
+import threading
+from collections import Counter, deque
+from concurrent.futures import Future
+
+from celery import states
+
+from ._progress import Progress
+from ._serialization import SERIALIZER, dumps
+from .exceptions import ClusterSearchError
+from .worker import TASK_NAME, RemoteFailure
+
+__all__ = ["Session"]
+
+logger = logging.getLogger(__name__)
+
+# How long the dispatcher waits for results before it looks for new work
+# to send. Work submitted from result callbacks is sent at once; this bounds
+# the delay of work submitted from the caller's thread.
+_TICK_S = 0.005
+
+
+class _Work:
+    __slots__ = ("payload", "callback", "future", "n_calls", "node", "result", "error")
+
+    def __init__(self, payload, callback, n_calls, error=None):
+        self.payload = payload
+        self.callback = callback
+        self.future = Future()
+        self.n_calls = n_calls
+        self.node = None
+        self.result = None
+        self.error = error
+
+
+class Session:
+    """One search's (or one ``Cluster.joblib()`` block's) use of the cluster.
+
+    Parameters
+    ----------
+    app : celery.Celery
+        The client's app (its broker and result backend).
+    nodes : list of NodeInfo
+        The live nodes to send work to.
+    queued_per_node : int
+        Batches a node may hold beyond its concurrency, so that it never
+        waits for the client between two fits.
+    progress : Progress or None
+    """
+
+    def __init__(self, app, nodes, *, queued_per_node=1, progress=None):
+        if not nodes:
+            raise ValueError("a session needs at least one node")
+        self.app = app
+        self.nodes = {node.name: node for node in nodes}
+        self._window = {n.name: n.concurrency + queued_per_node for n in nodes}
+        self._busy = Counter({n.name: 0 for n in nodes})
+        self.capacity = sum(n.concurrency for n in nodes)
+        self.progress = progress or Progress(enabled=False)
+        self.fits_per_node = Counter()
+        self.tasks_per_node = Counter()
+        self.pids = set()
+        self._pending = deque()
+        self._finished = deque()
+        self._inflight = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._failure = None
+        self._thread = threading.Thread(
+            target=self._run, name="clustersearch-dispatch", daemon=True
+        )
+        self._thread.start()
+
+    # -- called from any thread -------------------------------------------
+
+    def submit(self, func, callback=None) -> Future:
+        """Queue ``func`` (a joblib batch) for a node; return its future."""
+        n_calls = len(func) if hasattr(func, "__len__") else 1
+        try:
+            work = _Work(dumps(func), callback, n_calls)
+        except Exception as exc:
+            from .exceptions import NotPicklableError
+
+            error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
+            error.__cause__ = exc
+            work = _Work(None, callback, n_calls, error=error)
+        with self._lock:
+            if self._failure is not None:
+                work.error = self._failure
+            (self._finished if work.error else self._pending).append(work)
+        self._wake.set()
+        return work.future
+
+    def cancel_pending(self) -> None:
+        """Drop work not yet sent and revoke what nodes have not started."""
+        with self._lock:
+            dropped = list(self._pending)
+            self._pending.clear()
+            task_ids = list(self._inflight)
+        for work in dropped:
+            work.future.cancel()
+        if task_ids:
+            self._revoke(task_ids)
+
+    def close(self) -> None:
+        """Stop the dispatcher; revoke whatever is still outstanding."""
+        self.cancel_pending()
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+        self.progress.close()
+
+    # -- the dispatcher thread --------------------------------------------
+
+    def _run(self):
+        backend = self.app.backend
+        try:
+            with self.app.producer_or_acquire() as producer:
+                while not self._closing:
+                    self._send_ready(producer)
+                    if self._inflight:
+                        self._collect(backend)
+                    else:
+                        self._wake.wait(_TICK_S)
+                        self._wake.clear()
+                    self._finish_ready()
+        except BaseException as exc:  # pragma: no cover - reported below
+            logger.exception("clustersearch dispatcher stopped")
+            self._fail_everything(
+                ClusterSearchError(f"the dispatcher stopped: {exc!r}")
+            )
+
+    def _send_ready(self, producer):
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                node = self._pick_node()
+                if node is None:
+                    return
+                work = self._pending.popleft()
+            work.node = node
+            try:
+                result = self.app.send_task(
+                    TASK_NAME,
+                    args=(work.payload,),
+                    queue=self.nodes[node].queue,
+                    serializer=SERIALIZER,
+                    producer=producer,
+                )
+            except Exception as exc:
+                work.error = ClusterSearchError(
+                    f"could not send work to node {node!r}: {exc!r}"
+                )
+                self._finished.append(work)
+                continue
+            work.payload = None
+            with self._lock:
+                self._busy[node] += 1
+                self._inflight[result.id] = (work, result)
+            if backend_is_async(self.app.backend):
+                result.then(self._on_ready)
+
+    def _pick_node(self):
+        """The node with the most free room, relative to its concurrency."""
+        best, best_room = None, 0.0
+        for name, window in self._window.items():
+            free = window - self._busy[name]
+            if free <= 0:
+                continue
+            room = free / self.nodes[name].concurrency
+            if room > best_room:
+                best, best_room = name, room
+        return best
+
+    def _collect(self, backend):
+        if backend_is_async(backend):
+            try:
+                backend.result_consumer.drain_events(timeout=_TICK_S)
+            except (socket.timeout, TimeoutError):
+                pass
+            return
+        # Backends without push (file://, databases): poll what is in flight.
+        for task_id, (_, result) in list(self._inflight.items()):
+            meta = backend.get_task_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                result._maybe_set_cache(meta)
+                self._on_ready(result)
+        if self._inflight:
+            self._wake.wait(_TICK_S)
+            self._wake.clear()
+
+    def _on_ready(self, result):
+        with self._lock:
+            entry = self._inflight.pop(result.id, None)
+            if entry is None:  # a late or duplicate result: ignored
+                return
+            work = entry[0]
+            self._busy[work.node] -= 1
+        if result.state == states.SUCCESS:
+            work.result = result.result
+        else:
+            work.error = ClusterSearchError(
+                f"work sent to node {work.node!r} failed in Celery "
+                f"({result.state}): {result.result!r}"
+            )
+        self._finished.append(work)
+
+    def _finish_ready(self):
+        while self._finished:
+            work = self._finished.popleft()
+            if work.error is None:
+                value = work.result
+                output = value["output"]
+                if isinstance(output, RemoteFailure):
+                    work.error = output.exception_with_traceback()
+                else:
+                    self.fits_per_node[value["node"]] += work.n_calls
+                    self.pids.add((value["node"], value["pid"]))
+                    self.progress.advance(work.n_calls)
+                self.tasks_per_node[value["node"]] += 1
+            if work.error is not None:
+                work.future.set_exception(work.error)
+            else:
+                work.future.set_result(output)
+            if work.callback is not None:
+                try:
+                    work.callback(work.future)
+                except Exception:  # pragma: no cover - joblib's own bug
+                    logger.exception("joblib callback failed")
+
+    def _revoke(self, task_ids):
+        try:
+            self.app.control.revoke(task_ids)
+        except Exception:  # the search ends anyway; nodes drop stale work
+            logger.warning("could not revoke %d tasks", len(task_ids), exc_info=True)
+
+    def _fail_everything(self, error):
+        with self._lock:
+            self._failure = error
+            works = list(self._pending) + [w for w, _ in self._inflight.values()]
+            self._pending.clear()
+            self._inflight.clear()
+        for work in works:
+            work.error = error
+            self._finished.append(work)
+        self._finish_ready()
+
+
+def backend_is_async(backend) -> bool:
+    """Whether ``backend`` pushes results (rpc://, Redis) rather than being polled."""
+    return bool(getattr(backend, "is_async", False))
+

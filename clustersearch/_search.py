@@ -1,0 +1,412 @@
+"""The estimators: scikit-learn's searches, with every fit on the cluster.
+
+Each class subclasses its scikit-learn original and changes one thing: while
+``fit`` runs, the search's own ``joblib.Parallel`` sends its batches of
+(candidate, split) fits to the nodes. scikit-learn still splits the data,
+builds ``cv_results_`` and refits ``best_estimator_`` in the client.
+"""
+
+
+import numpy as np
+from joblib import parallel_config
+from joblib.parallel import get_active_backend
+from sklearn import get_config
+from sklearn.experimental import enable_halving_search_cv  # noqa: F401
+from sklearn.model_selection import (
+    GridSearchCV,
+    HalvingGridSearchCV,
+    HalvingRandomSearchCV,
+    RandomizedSearchCV,
+)
+
+from ._backend import ClusterBackend
+from ._cluster import Cluster, resolve_cluster
+from ._serialization import dumps
+from .exceptions import NotPicklableError
+
+__all__ = [
+    "ClusterGridSearchCV",
+    "ClusterHalvingGridSearchCV",
+    "ClusterHalvingRandomSearchCV",
+    "ClusterRandomizedSearchCV",
+]
+
+_CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
+
+_CLUSTER_DOC = """
+    cluster : Cluster, LocalCluster or str, default=None
+        Where the fits run. A :class:`~clustersearch.Cluster`, a
+        :class:`~clustersearch.LocalCluster`, or a broker URL. None uses
+        ``CLUSTERSEARCH_BROKER_URL`` (and ``CLUSTERSEARCH_RESULT_BACKEND``)
+        when set, else an embedded :class:`~clustersearch.LocalCluster` with
+        one node per CPU core, started on first use and kept for the process.
+"""
+
+
+class _ClusterSearchMixin:
+    """What the four estimators add to their scikit-learn original."""
+
+    def fit(self, X, y=None, **params):
+        """Run fit with all sets of parameters, every fit on the cluster.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training vectors.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs), default=None
+            Target relative to X; None for unsupervised learning.
+        **params : dict of str -> object
+            Parameters passed to the ``fit`` method of the estimator, the
+            scorer and the CV splitter, as in scikit-learn.
+
+        Returns
+        -------
+        self : object
+            Instance of fitted estimator.
+        """
+        # scikit-learn's own validation first: nothing is sent for a typo.
+        if not get_config()["skip_parameter_validation"]:
+            self._validate_params()
+        cluster = resolve_cluster(self.cluster)
+        _check_picklable(self, params)
+        with cluster.session(verbose=self.verbose) as session:
+            # Only the search's own Parallel goes to the cluster; the refit
+            # (and anything else in the client) stays local.
+            with parallel_config(backend=ClusterBackend(session, first_only=True)):
+                super().fit(X, y, **params)
+        self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
+        return self
+
+    def _run_search(self, evaluate_candidates, *, callback_ctx=None):
+        backend, _ = get_active_backend()
+
+        def counted(candidate_params, *args, **kwargs):
+            candidate_params = list(candidate_params)
+            if isinstance(backend, ClusterBackend):
+                backend.session.progress.expect(len(candidate_params) * self.n_splits_)
+            return evaluate_candidates(candidate_params, *args, **kwargs)
+
+        return super()._run_search(counted, callback_ctx=callback_ctx)
+
+
+def _check_picklable(search, fit_params):
+    """Name what cannot travel to the nodes, before anything is sent.
+
+    Each task carries the search itself (scikit-learn passes ``caller=self``
+    to every fit), so every parameter must pickle, as must the fit params.
+    """
+    try:
+        dumps(search)
+    except Exception:
+        for name, value in search.get_params(deep=False).items():
+            _raise_if_unpicklable(name, value)
+        raise
+    for name, value in fit_params.items():
+        if not isinstance(value, np.ndarray):
+            _raise_if_unpicklable(f"fit parameter {name}", value)
+
+
+def _raise_if_unpicklable(path, value):
+    try:
+        dumps(value)
+        return
+    except Exception as exc:
+        error = exc
+    inner = _children(value)
+    for child_path, child in inner:
+        _raise_if_unpicklable(f"{path}{child_path}", child)
+    raise NotPicklableError(
+        f"cannot send {path}={value!r} to the nodes: {error}. Everything a "
+        "search sends must pickle: define classes and functions at module "
+        "level (or in the notebook), and keep locks, open files and "
+        "connections out of estimators and parameters"
+    ) from error
+
+
+def _children(value):
+    if hasattr(value, "get_params") and not isinstance(value, type):
+        try:
+            return [(f".{k}", v) for k, v in value.get_params(deep=False).items()]
+        except Exception:
+            return []
+    if isinstance(value, dict):
+        return [(f"[{k!r}]", v) for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [(f"[{i}]", v) for i, v in enumerate(value)]
+    return []
+
+
+class ClusterGridSearchCV(_ClusterSearchMixin, GridSearchCV):
+    __doc__ = f"""Exhaustive search over a parameter grid, every fit on a cluster.
+
+    A drop-in replacement for :class:`sklearn.model_selection.GridSearchCV`:
+    same parameters, attributes and ``cv_results_``, plus ``cluster``.
+
+    Parameters
+    ----------
+    estimator, param_grid, scoring, n_jobs, refit, cv, verbose, pre_dispatch, \
+error_score, return_train_score
+        As in :class:`sklearn.model_selection.GridSearchCV`. ``n_jobs`` and
+        ``pre_dispatch`` are accepted; the cluster's parallelism is its nodes'
+        total concurrency.
+{_CLUSTER_DOC}
+    Attributes
+    ----------
+    cv_results_, best_estimator_, best_score_, best_params_, best_index_, \
+scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
+        As in :class:`sklearn.model_selection.GridSearchCV`.
+    fits_per_node_ : dict of str -> int
+        How many fits each node ran.
+
+    See Also
+    --------
+    sklearn.model_selection.GridSearchCV : the original, in-process.
+    ClusterRandomizedSearchCV : random search on a cluster.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn.svm import SVC
+    >>> from clustersearch import ClusterGridSearchCV, LocalCluster
+    >>> X, y = load_iris(return_X_y=True)
+    >>> with LocalCluster(n_workers=2) as cluster:  # doctest: +SKIP
+    ...     search = ClusterGridSearchCV(
+    ...         SVC(), {{"C": [1, 10], "kernel": ["linear", "rbf"]}}, cluster=cluster
+    ...     ).fit(X, y)
+    >>> search.best_params_  # doctest: +SKIP
+    {{'C': 1, 'kernel': 'linear'}}
+    """
+
+    _parameter_constraints = {**GridSearchCV._parameter_constraints, **_CLUSTER_CONSTRAINT}
+
+    def __init__(
+        self,
+        estimator,
+        param_grid,
+        *,
+        scoring=None,
+        n_jobs=None,
+        refit=True,
+        cv=None,
+        verbose=0,
+        pre_dispatch="2*n_jobs",
+        error_score=np.nan,
+        return_train_score=False,
+        cluster=None,
+    ):
+        super().__init__(
+            estimator,
+            param_grid,
+            scoring=scoring,
+            n_jobs=n_jobs,
+            refit=refit,
+            cv=cv,
+            verbose=verbose,
+            pre_dispatch=pre_dispatch,
+            error_score=error_score,
+            return_train_score=return_train_score,
+        )
+        self.cluster = cluster
+
+
+class ClusterRandomizedSearchCV(_ClusterSearchMixin, RandomizedSearchCV):
+    __doc__ = f"""Randomized search on hyperparameters, every fit on a cluster.
+
+    A drop-in replacement for :class:`sklearn.model_selection.RandomizedSearchCV`:
+    the candidates are sampled in the client, so a ``random_state`` gives the
+    same candidates and the same ``cv_results_``.
+
+    Parameters
+    ----------
+    estimator, param_distributions, n_iter, scoring, n_jobs, refit, cv, \
+verbose, pre_dispatch, random_state, error_score, return_train_score
+        As in :class:`sklearn.model_selection.RandomizedSearchCV`.
+{_CLUSTER_DOC}
+    Attributes
+    ----------
+    fits_per_node_ : dict of str -> int
+        How many fits each node ran; the others as in scikit-learn.
+
+    See Also
+    --------
+    sklearn.model_selection.RandomizedSearchCV : the original, in-process.
+    ClusterGridSearchCV : exhaustive search on a cluster.
+    """
+
+    _parameter_constraints = {
+        **RandomizedSearchCV._parameter_constraints,
+        **_CLUSTER_CONSTRAINT,
+    }
+
+    def __init__(
+        self,
+        estimator,
+        param_distributions,
+        *,
+        n_iter=10,
+        scoring=None,
+        n_jobs=None,
+        refit=True,
+        cv=None,
+        verbose=0,
+        pre_dispatch="2*n_jobs",
+        random_state=None,
+        error_score=np.nan,
+        return_train_score=False,
+        cluster=None,
+    ):
+        super().__init__(
+            estimator,
+            param_distributions,
+            n_iter=n_iter,
+            scoring=scoring,
+            n_jobs=n_jobs,
+            refit=refit,
+            cv=cv,
+            verbose=verbose,
+            pre_dispatch=pre_dispatch,
+            random_state=random_state,
+            error_score=error_score,
+            return_train_score=return_train_score,
+        )
+        self.cluster = cluster
+
+
+class ClusterHalvingGridSearchCV(_ClusterSearchMixin, HalvingGridSearchCV):
+    __doc__ = f"""Successive halving over a grid, every round's fits on a cluster.
+
+    A drop-in replacement for :class:`sklearn.model_selection.HalvingGridSearchCV`
+    (no ``enable_halving_search_cv`` import needed).
+
+    Parameters
+    ----------
+    estimator, param_grid, factor, resource, max_resources, min_resources, \
+aggressive_elimination, cv, scoring, refit, error_score, return_train_score, \
+random_state, n_jobs, verbose
+        As in :class:`sklearn.model_selection.HalvingGridSearchCV`.
+{_CLUSTER_DOC}
+    Attributes
+    ----------
+    fits_per_node_ : dict of str -> int
+        How many fits each node ran, all rounds together.
+
+    See Also
+    --------
+    sklearn.model_selection.HalvingGridSearchCV : the original, in-process.
+    """
+
+    _parameter_constraints = {
+        **HalvingGridSearchCV._parameter_constraints,
+        **_CLUSTER_CONSTRAINT,
+    }
+
+    def __init__(
+        self,
+        estimator,
+        param_grid,
+        *,
+        factor=3,
+        resource="n_samples",
+        max_resources="auto",
+        min_resources="exhaust",
+        aggressive_elimination=False,
+        cv=5,
+        scoring=None,
+        refit=True,
+        error_score=np.nan,
+        return_train_score=True,
+        random_state=None,
+        n_jobs=None,
+        verbose=0,
+        cluster=None,
+    ):
+        super().__init__(
+            estimator,
+            param_grid,
+            factor=factor,
+            resource=resource,
+            max_resources=max_resources,
+            min_resources=min_resources,
+            aggressive_elimination=aggressive_elimination,
+            cv=cv,
+            scoring=scoring,
+            refit=refit,
+            error_score=error_score,
+            return_train_score=return_train_score,
+            random_state=random_state,
+            n_jobs=n_jobs,
+            verbose=verbose,
+        )
+        self.cluster = cluster
+
+
+class ClusterHalvingRandomSearchCV(_ClusterSearchMixin, HalvingRandomSearchCV):
+    __doc__ = f"""Successive halving over random candidates, every fit on a cluster.
+
+    A drop-in replacement for
+    :class:`sklearn.model_selection.HalvingRandomSearchCV`.
+
+    Parameters
+    ----------
+    estimator, param_distributions, n_candidates, factor, resource, \
+max_resources, min_resources, aggressive_elimination, cv, scoring, refit, \
+error_score, return_train_score, random_state, n_jobs, verbose
+        As in :class:`sklearn.model_selection.HalvingRandomSearchCV`.
+{_CLUSTER_DOC}
+    Attributes
+    ----------
+    fits_per_node_ : dict of str -> int
+        How many fits each node ran, all rounds together.
+
+    See Also
+    --------
+    sklearn.model_selection.HalvingRandomSearchCV : the original, in-process.
+    """
+
+    _parameter_constraints = {
+        **HalvingRandomSearchCV._parameter_constraints,
+        **_CLUSTER_CONSTRAINT,
+    }
+
+    def __init__(
+        self,
+        estimator,
+        param_distributions,
+        *,
+        n_candidates="exhaust",
+        factor=3,
+        resource="n_samples",
+        max_resources="auto",
+        min_resources="smallest",
+        aggressive_elimination=False,
+        cv=5,
+        scoring=None,
+        refit=True,
+        error_score=np.nan,
+        return_train_score=True,
+        random_state=None,
+        n_jobs=None,
+        verbose=0,
+        cluster=None,
+    ):
+        super().__init__(
+            estimator,
+            param_distributions,
+            n_candidates=n_candidates,
+            factor=factor,
+            resource=resource,
+            max_resources=max_resources,
+            min_resources=min_resources,
+            aggressive_elimination=aggressive_elimination,
+            cv=cv,
+            scoring=scoring,
+            refit=refit,
+            error_score=error_score,
+            return_train_score=return_train_score,
+            random_state=random_state,
+            n_jobs=n_jobs,
+            verbose=verbose,
+        )
+        self.cluster = cluster
+
+

@@ -1,0 +1,105 @@
+"""The ``clustersearch`` command: start a node, list the nodes."""
+
+import argparse
+import os
+import socket
+import sys
+
+__all__ = ["main"]
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="clustersearch",
+        description="Run scikit-learn searches on a Celery cluster.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    env_broker = os.environ.get("CLUSTERSEARCH_BROKER_URL")
+    env_backend = os.environ.get("CLUSTERSEARCH_RESULT_BACKEND")
+
+    worker = sub.add_parser("worker", help="start a node: a worker on its own queue")
+    worker.add_argument("--broker", default=env_broker, required=env_broker is None,
+                        help="broker URL (default: $CLUSTERSEARCH_BROKER_URL)")
+    worker.add_argument("--backend", default=env_backend,
+                        help="result backend URL (default: rpc:// for RabbitMQ, "
+                        "the broker for Redis)")
+    worker.add_argument("--name", default=socket.gethostname().split(".")[0],
+                        help="node name; its queue is clustersearch.<name> "
+                        "(default: the host name)")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="worker processes, one fit each (default: CPU cores)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--allow-root", action="store_true",
+                        help="run as root although tasks carry pickles (see README)")
+
+    nodes = sub.add_parser("nodes", help="list the live nodes")
+    nodes.add_argument("--broker", default=env_broker, required=env_broker is None)
+    nodes.add_argument("--backend", default=env_backend)
+    nodes.add_argument("--timeout", type=float, default=1.0,
+                       help="seconds to wait for answers (default: 1)")
+    return parser
+
+
+def _run_worker(args):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not (args.allow_root or os.environ.get("C_FORCE_ROOT")):
+            sys.exit(
+                "clustersearch worker: refusing to run as root. Tasks carry "
+                "pickles, so whoever can publish to the broker runs code as this "
+                "user: start the node as an unprivileged user, or pass "
+                "--allow-root (or set C_FORCE_ROOT=1) if you accept that."
+            )
+    concurrency = args.concurrency or os.cpu_count() or 1
+    if concurrency < 1:
+        sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
+    threads = str(max(1, (os.cpu_count() or 1) // concurrency))
+    os.environ.setdefault("CLUSTERSEARCH_THREADS_PER_PROCESS", threads)
+    for var in _THREAD_VARS:
+        os.environ.setdefault(var, threads)
+
+    from .worker import create_app, queue_for
+
+    app = create_app(args.broker, args.backend)
+    app.worker_main([
+        "worker",
+        "--queues", queue_for(args.name),
+        "--hostname", f"{args.name}@%h",
+        "--concurrency", str(concurrency),
+        "--loglevel", args.loglevel,
+        "--pool", "prefork",
+        # Nodes do not talk to each other: the client schedules.
+        "--without-gossip", "--without-mingle",
+    ])  # fmt: skip
+
+
+def _run_nodes(args):
+    from ._cluster import Cluster
+
+    with Cluster(args.broker, args.backend, discovery_timeout=args.timeout) as cluster:
+        nodes = cluster.nodes()
+    if not nodes:
+        print(f"no node answered within {args.timeout} s", file=sys.stderr)
+        return 1
+    rows = [("NODE", "QUEUE", "CONCURRENCY", "HOST", "PYTHON", "SKLEARN", "NUMPY", "CLUSTERSEARCH")]
+    for n in nodes:
+        v = n.versions
+        rows.append((n.name, n.queue, str(n.concurrency), n.host, v.get("python", "?"),
+                     v.get("scikit-learn", "?"), v.get("numpy", "?"), v.get("clustersearch", "?")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(f"{len(nodes)} nodes, {sum(n.concurrency for n in nodes)} worker processes")
+    return 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.command == "worker":
+        return _run_worker(args)
+    return _run_nodes(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Errors raised by clustersearch.
+
+Every error derives from :class:`ClusterSearchError`; the specific ones also
+derive from the builtin that fits, so ``except ConnectionError`` still works.
+Errors cross the broker, so each one pickles with its message intact.
+"""
+
+__all__ = [
+    "BrokerUnreachableError",
+    "ClusterSearchError",
+    "NoWorkersError",
+    "NodeStartupError",
+    "NotPicklableError",
+    "RemoteTraceback",
+]
+
+
+class ClusterSearchError(Exception):
+    """Root of every error raised by clustersearch."""
+
+    def __reduce__(self):
+        # Subclasses with several builtin bases (ConnectionError, OSError)
+        # would otherwise be rebuilt from ``args`` with OSError's signature.
+        return (type(self), (str(self),))
+
+
+class BrokerUnreachableError(ClusterSearchError, ConnectionError):
+    """The broker or the result backend did not accept a connection."""
+
+
+class NoWorkersError(ClusterSearchError, TimeoutError):
+    """No clustersearch node answered on the broker."""
+
+
+class NodeStartupError(ClusterSearchError, RuntimeError):
+    """A worker process of a :class:`~clustersearch.LocalCluster` did not start."""
+
+
+class NotPicklableError(ClusterSearchError, TypeError):
+    """An estimator, scorer, splitter or parameter cannot be sent to the nodes."""
+
+
+class RemoteTraceback(ClusterSearchError):
+    """The traceback of an exception raised on a node.
+
+    It is attached as ``__cause__`` of the exception re-raised in the client,
+    so the node's traceback prints under the client's.
+    """
+
+    def __str__(self):
+        return "\n" + super().__str__()
