@@ -181,9 +181,9 @@ class Cluster:
 
     def check_connection(self) -> None:
         """Raise BrokerUnreachableError unless the broker and backend answer."""
-        app = self.app
-        conn = app.connection_for_write()
+        conn = None
         try:
+            conn = self.app.connection_for_write()
             conn.ensure_connection(max_retries=1, timeout=self.connect_timeout)
         except Exception as exc:
             raise BrokerUnreachableError(
@@ -192,7 +192,8 @@ class Cluster:
                 "port, and the user name and password in the URL"
             ) from exc
         finally:
-            conn.release()
+            if conn is not None:
+                conn.release()
         scheme = urlparse(self.backend_url).scheme
         if scheme in ("redis", "rediss"):
             try:

@@ -8,7 +8,11 @@ own tasks use this content type, per message.
 """
 
 import io
+import os
 import pickle
+import site
+import sys
+import sysconfig
 
 import cloudpickle
 from kombu.serialization import register
@@ -19,8 +23,49 @@ SERIALIZER = "clustersearch"
 CONTENT_TYPE = "application/x-clustersearch-pickle"
 
 
+def _installed_roots():
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(site.getsitepackages())
+    roots.add(site.getusersitepackages())
+    return tuple(os.path.realpath(root) + os.sep for root in roots)
+
+
+_INSTALLED = _installed_roots()
+_modules_seen = 0
+_by_value = set()
+
+
+def _send_user_modules_by_value():
+    """Pickle the user's own modules by value, like ``__main__``.
+
+    A script's helper module or a test file lives outside the Python
+    installation, so the nodes cannot import it by name. Modules loaded from
+    site-packages or the standard library (scikit-learn, numpy, installed
+    packages) still travel by reference: nodes must have them installed.
+    """
+    global _modules_seen
+    if len(sys.modules) == _modules_seen:
+        return
+    _modules_seen = len(sys.modules)
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or name.partition(".")[0] == "clustersearch":
+            continue
+        if name in _by_value:
+            continue
+        path = getattr(module, "__file__", None)
+        if not path or os.path.realpath(path).startswith(_INSTALLED):
+            continue
+        _by_value.add(name)
+        try:
+            cloudpickle.register_pickle_by_value(module)
+        except ValueError:  # not in sys.modules under that name any more
+            pass
+
+
 def dumps(obj) -> bytes:
-    """Serialize ``obj`` for a node (protocol 5, by value for ``__main__``)."""
+    """Serialize ``obj`` for a node (protocol 5, by value for user code)."""
+    _send_user_modules_by_value()
     buffer = io.BytesIO()
     cloudpickle.CloudPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()

@@ -51,7 +51,7 @@ def _run_worker(args):
                 "user: start the node as an unprivileged user, or pass "
                 "--allow-root (or set C_FORCE_ROOT=1) if you accept that."
             )
-    concurrency = args.concurrency or os.cpu_count() or 1
+    concurrency = args.concurrency if args.concurrency is not None else os.cpu_count() or 1
     if concurrency < 1:
         sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
     threads = str(max(1, (os.cpu_count() or 1) // concurrency))

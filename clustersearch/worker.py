@@ -26,6 +26,7 @@ from celery.worker.control import inspect_command
 
 from . import __version__
 from ._serialization import CONTENT_TYPE, SERIALIZER, loads
+from ._transport import FILE_BACKEND, TRANSPORT
 
 __all__ = ["QUEUE_PREFIX", "TASK_NAME", "app_config", "create_app", "queue_for"]
 
@@ -94,6 +95,7 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
         messages, control = root / "messages", root / "control"
         for folder in (messages, control):
             folder.mkdir(parents=True, exist_ok=True)
+        conf["broker_transport"] = TRANSPORT
         conf["broker_transport_options"] = {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
@@ -102,6 +104,7 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
         }
     if urlparse(backend_url).scheme == "file":
         Path(unquote(urlparse(backend_url).path)).mkdir(parents=True, exist_ok=True)
+        conf["result_backend"] = FILE_BACKEND + backend_url
     return conf
 
 

@@ -1,0 +1,139 @@
+"""Fixtures: real worker processes, started with the ``clustersearch`` CLI, on
+every transport the library supports.
+
+Broker tests need RabbitMQ and Redis on localhost. Without them they skip
+with the reason, except where ``CLUSTERSEARCH_REQUIRE_BROKERS=1`` (CI sets
+it): then a missing server fails the run instead of hiding behind a skip.
+"""
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clustersearch import LocalCluster
+
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+REDIS = "redis://127.0.0.1:6379"
+
+# name -> (broker, backend); None, None is the embedded transport.
+TRANSPORTS = {
+    "embedded": (None, None),
+    "rabbitmq-rpc": (RABBITMQ, "rpc://"),
+    "rabbitmq-redis": (RABBITMQ, REDIS + "/1"),
+    "redis": (REDIS + "/2", REDIS + "/2"),
+}
+
+ADULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult"
+
+
+def _reachable(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_servers(*urls):
+    """Skip (or, in CI, fail) unless the servers behind ``urls`` answer."""
+    for url in urls:
+        if not url or not url.startswith(("amqp", "redis")):
+            continue
+        port = 5672 if url.startswith("amqp") else 6379
+        if not _reachable("127.0.0.1", port):
+            message = f"no server for {url} on 127.0.0.1:{port}"
+            if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
+                pytest.fail(message + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
+            pytest.skip(message)
+
+
+def _start(transport, n_workers=2):
+    broker, backend = TRANSPORTS[transport]
+    require_servers(broker, backend)
+    return LocalCluster(
+        n_workers=n_workers, broker_url=broker, backend=backend, allow_root=True
+    )
+
+
+@pytest.fixture(scope="session")
+def embedded_cluster():
+    with _start("embedded") as cluster:
+        yield cluster
+
+
+_clusters = {}
+
+
+@pytest.fixture(scope="session", params=list(TRANSPORTS), ids=list(TRANSPORTS))
+def cluster(request, embedded_cluster):
+    """A 2-node cluster on each transport (started once per session)."""
+    if request.param == "embedded":
+        yield embedded_cluster
+        return
+    cluster = _start(request.param)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_default_celery_app(monkeypatch):
+    """Trap any use of Celery's default app: clustersearch must pass its own."""
+    import celery._state
+
+    class Trap:
+        def __getattr__(self, name):
+            raise AssertionError(f"clustersearch used Celery's default app (.{name})")
+
+    monkeypatch.setattr(celery._state, "default_app", Trap())
+
+
+@pytest.fixture(scope="session")
+def adult_dir():
+    if not (ADULT_DIR / "adult.data").exists():
+        pytest.skip(f"UCI Adult not found at {ADULT_DIR}")
+    return ADULT_DIR
+
+
+def assert_ran_on_workers(search, cluster, n_fits):
+    """Every fit ran on a node of ``cluster``, none in the client, none twice."""
+    names = set(cluster.node_names) if hasattr(cluster, "node_names") else None
+    assert sum(search.fits_per_node_.values()) == n_fits, search.fits_per_node_
+    if names is not None:
+        assert set(search.fits_per_node_) <= names
+    assert os.getpid() not in {node.pid for node in cluster.nodes()}
+
+
+TIME_KEYS = ("mean_fit_time", "std_fit_time", "mean_score_time", "std_score_time")
+
+
+def assert_same_results(ours, theirs):
+    """scikit-learn's parity contract: everything but timings is equal."""
+    a, b = ours.cv_results_, theirs.cv_results_
+    assert set(a) == set(b)
+    for key in a:
+        if key in TIME_KEYS:
+            continue
+        x, y = a[key], b[key]
+        if key == "params":
+            assert x == y
+        elif isinstance(x, np.ma.MaskedArray) or x.dtype == object:
+            assert list(x) == list(y), key
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=key)
+    for attr in ("best_index_", "best_params_", "best_score_", "n_splits_", "multimetric_"):
+        if hasattr(theirs, attr):
+            left, right = getattr(ours, attr), getattr(theirs, attr)
+            if isinstance(right, float) and np.isnan(right):
+                assert np.isnan(left)
+            else:
+                assert left == right, attr
+        else:
+            assert not hasattr(ours, attr), attr
+    assert hasattr(ours, "refit_time_") == hasattr(theirs, "refit_time_")
+    if hasattr(theirs, "classes_"):
+        np.testing.assert_array_equal(ours.classes_, theirs.classes_)

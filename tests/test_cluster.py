@@ -1,0 +1,252 @@
+"""The cluster handle, the joblib backend, the CLI and bad input."""
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import REDIS, assert_ran_on_workers, require_servers
+from joblib import Parallel, delayed
+from sklearn.base import clone
+from sklearn.datasets import load_iris, make_classification
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_validate
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from clustersearch import Cluster, ClusterGridSearchCV, LocalCluster
+from clustersearch.exceptions import (
+    BrokerUnreachableError,
+    ClusterSearchError,
+    NotPicklableError,
+    NoWorkersError,
+)
+
+X, y = load_iris(return_X_y=True)
+GRID = {"C": [0.1, 1, 10], "kernel": ["linear", "rbf"]}
+
+
+def _pid_and_node():
+    return os.getpid()
+
+
+# -- where the work runs --------------------------------------------------------
+
+
+def test_fits_run_in_worker_processes_not_in_client(cluster):
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
+    assert_ran_on_workers(search, cluster, n_fits=18)
+    # Both nodes got work (18 fits, 2 nodes with room for 2 batches each).
+    assert len(search.fits_per_node_) == 2
+
+
+def test_joblib_backend_runs_plain_joblib_and_sklearn_code(embedded_cluster):
+    client_pid = os.getpid()
+    with embedded_cluster.joblib() as session:
+        pids = Parallel(n_jobs=2)(delayed(_pid_and_node)() for _ in range(6))
+        scores = cross_validate(LogisticRegression(max_iter=500), X, y, cv=4)
+        plain = GridSearchCV(SVC(), GRID, cv=3, n_jobs=-1).fit(X, y)
+    assert client_pid not in pids
+    worker_pids = {node.pid for node in embedded_cluster.nodes()}
+    assert set(pids).isdisjoint(worker_pids)  # pool children, not the main process
+    assert sum(session.fits_per_node.values()) == 6 + 4 + 18
+    local = cross_validate(LogisticRegression(max_iter=500), X, y, cv=4)
+    np.testing.assert_array_equal(scores["test_score"], local["test_score"])
+    assert plain.best_params_ == GridSearchCV(SVC(), GRID, cv=3).fit(X, y).best_params_
+
+
+def test_n_jobs_1_still_runs_on_the_cluster(embedded_cluster):
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3, n_jobs=1, cluster=embedded_cluster)
+    search.fit(X, y)
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
+
+
+def test_estimator_with_inner_n_jobs_works_on_a_node(embedded_cluster):
+    Xc, yc = make_classification(n_samples=200, random_state=0)
+    forest = RandomForestClassifier(n_estimators=8, n_jobs=-1, random_state=0)
+    grid = {"max_depth": [2, 4]}
+    ours = ClusterGridSearchCV(forest, grid, cv=3, cluster=embedded_cluster).fit(Xc, yc)
+    theirs = GridSearchCV(forest, grid, cv=3).fit(Xc, yc)
+    np.testing.assert_array_equal(
+        ours.cv_results_["mean_test_score"], theirs.cv_results_["mean_test_score"]
+    )
+    assert_ran_on_workers(ours, embedded_cluster, n_fits=6)
+
+
+def test_refit_runs_in_the_client(embedded_cluster):
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
+    assert search.refit_time_ > 0
+    np.testing.assert_array_equal(
+        search.predict(X),
+        GridSearchCV(SVC(), GRID, cv=3).fit(X, y).predict(X),
+    )
+
+
+def test_progress_bar_counts_fits(embedded_cluster, capsys):
+    cluster = Cluster(
+        embedded_cluster.broker_url, embedded_cluster.backend, progress=True
+    )
+    cluster.nodes = embedded_cluster.nodes  # same nodes, progress on
+    ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
+    err = capsys.readouterr().err
+    assert "18/18 fits 100%" in err
+
+
+# -- the estimator contract -------------------------------------------------------
+
+
+def test_clone_shares_the_cluster_handle(embedded_cluster):
+    search = ClusterGridSearchCV(SVC(), GRID, cluster=embedded_cluster)
+    assert clone(search).cluster is embedded_cluster
+    assert clone(search).get_params()["cluster"] is embedded_cluster
+
+
+def test_fitted_search_pickles(embedded_cluster):
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
+    restored = pickle.loads(pickle.dumps(search))
+    np.testing.assert_array_equal(restored.predict(X), search.predict(X))
+    assert restored.cluster.broker_url == embedded_cluster.broker_url
+    assert restored.fits_per_node_ == search.fits_per_node_
+
+
+def test_repr_hides_the_password():
+    cluster = Cluster("amqp://remote:hunter2@pine0:5672//")
+    assert "hunter2" not in repr(cluster)
+    assert "hunter2" not in repr(ClusterGridSearchCV(SVC(), GRID, cluster=cluster))
+
+
+def test_search_inside_a_pipeline_step(embedded_cluster):
+    inner = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster)
+    pipe = make_pipeline(StandardScaler(), inner).fit(X, y)
+    reference = make_pipeline(StandardScaler(), GridSearchCV(SVC(), GRID, cv=3)).fit(X, y)
+    np.testing.assert_array_equal(pipe.predict(X), reference.predict(X))
+    assert sum(pipe[-1].fits_per_node_.values()) == 18
+
+
+# -- bad input: a clear error before anything is sent, never a hang ---------------
+
+
+def test_invalid_parameter_uses_sklearns_validation():
+    # No cluster is contacted: the URL would not even resolve.
+    search = ClusterGridSearchCV(SVC(), GRID, cv="five", cluster="amqp://nowhere.invalid//")
+    with pytest.raises(ValueError, match="'cv' parameter"):
+        search.fit(X, y)
+
+
+def test_invalid_cluster_type():
+    search = ClusterGridSearchCV(SVC(), GRID, cluster=42)
+    with pytest.raises(ValueError, match="'cluster' parameter"):
+        search.fit(X, y)
+
+
+def test_broker_unreachable_names_url_without_password():
+    cluster = Cluster("amqp://remote:hunter2@127.0.0.1:1//", connect_timeout=2)
+    start = time.monotonic()
+    with pytest.raises(BrokerUnreachableError) as info:
+        ClusterGridSearchCV(SVC(), GRID, cluster=cluster).fit(X, y)
+    assert time.monotonic() - start < 15
+    message = str(info.value)
+    assert "127.0.0.1:1" in message and "hunter2" not in message
+    assert isinstance(info.value, ConnectionError)
+
+
+def test_no_live_node_on_a_broker_is_a_clear_error():
+    require_servers(REDIS)
+    cluster = Cluster(REDIS + "/5", discovery_timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(NoWorkersError, match="clustersearch worker --broker"):
+        ClusterGridSearchCV(SVC(), GRID, cluster=cluster).fit(X, y)
+    assert time.monotonic() - start < 10
+
+
+def test_no_live_node_on_the_embedded_transport(tmp_path):
+    cluster = Cluster(f"filesystem://{tmp_path}", discovery_timeout=0.3)
+    with pytest.raises(NoWorkersError):
+        ClusterGridSearchCV(SVC(), GRID, cluster=cluster).fit(X, y)
+
+
+class _HoldsALock(SVC):
+    def __init__(self, C=1.0, lock=None):
+        super().__init__(C=C)
+        self.lock = lock
+
+
+def test_unpicklable_estimator_is_named_before_dispatch(embedded_cluster):
+    estimator = make_pipeline(StandardScaler(), _HoldsALock(lock=threading.Lock()))
+    search = ClusterGridSearchCV(estimator, {"_holdsalock__C": [1, 2]}, cluster=embedded_cluster)
+    with pytest.raises(NotPicklableError, match=r"estimator\.steps\[1\]\[1\]\.lock"):
+        search.fit(X, y)
+    assert not hasattr(search, "fits_per_node_")
+
+
+def test_unpicklable_scorer_is_named(embedded_cluster):
+    lock = threading.Lock()
+
+    def scorer(estimator, X, y, _lock=lock):
+        return 0.0
+
+    search = ClusterGridSearchCV(SVC(), GRID, scoring=scorer, cluster=embedded_cluster)
+    with pytest.raises(NotPicklableError, match="scoring="):
+        search.fit(X, y)
+
+
+def test_lambda_scorer_travels_by_value(embedded_cluster):
+    # cloudpickle sends functions defined here by value: this works.
+    search = ClusterGridSearchCV(
+        SVC(), GRID, cv=3, scoring=lambda est, X, y: est.score(X, y), cluster=embedded_cluster
+    ).fit(X, y)
+    assert sum(search.fits_per_node_.values()) == 18
+
+
+def test_errors_are_picklable():
+    for error in (BrokerUnreachableError("x"), NoWorkersError("y"), NotPicklableError("z")):
+        restored = pickle.loads(pickle.dumps(error))
+        assert type(restored) is type(error) and str(restored) == str(error)
+        assert isinstance(restored, ClusterSearchError)
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def test_cli_nodes_lists_the_nodes(embedded_cluster):
+    out = subprocess.run(
+        [sys.executable, "-m", "clustersearch", "nodes", "--broker", embedded_cluster.broker_url],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    for name in embedded_cluster.node_names:
+        assert name in out
+    assert "2 nodes, 2 worker processes" in out
+
+
+def test_cli_worker_refuses_root_without_allow_root(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only meaningful as root")
+    env = {k: v for k, v in os.environ.items() if k != "C_FORCE_ROOT"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clustersearch", "worker", "--broker", f"filesystem://{tmp_path}"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--allow-root" in proc.stderr
+
+
+def test_default_cluster_from_environment(embedded_cluster, monkeypatch):
+    monkeypatch.setenv("CLUSTERSEARCH_BROKER_URL", embedded_cluster.broker_url)
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3).fit(X, y)
+    assert set(search.fits_per_node_) <= set(embedded_cluster.node_names)
+
+
+def test_local_cluster_reports_a_node_that_cannot_start():
+    with pytest.raises(ClusterSearchError, match="(?s)exited with code 1.*--concurrency must be >= 1"):
+        LocalCluster(n_workers=1, concurrency=0)
+
+
+def test_unknown_transport_is_a_clear_error():
+    with pytest.raises(BrokerUnreachableError, match="No such transport"):
+        Cluster("nosuchtransport://x").nodes()
