@@ -11,7 +11,6 @@ one more; nothing waits in a slow node's queue while a fast node idles.
 """
 
 import logging
-import socket
 import threading
 from collections import Counter, deque
 from concurrent.futures import Future
@@ -191,7 +190,7 @@ class Session:
         if backend_is_async(backend):
             try:
                 backend.result_consumer.drain_events(timeout=_TICK_S)
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 pass
             return
         # Backends without push (file://, databases): poll what is in flight.

@@ -1,0 +1,35 @@
+"""Automation: ``nox -s tests`` is the test command README and CI use."""
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def _install(session: nox.Session, *groups: str) -> None:
+    session.install("-e", ".")
+    for group in groups:
+        session.install(*nox.project.dependency_groups(PYPROJECT, group))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite: embedded transport, RabbitMQ and Redis."""
+    _install(session, "test")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", "clustersearch", "tests", "examples", "noxfile.py")
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """The Adult demo on the embedded local cluster."""
+    _install(session)
+    session.run("python", "examples/adult_grid_search.py", *session.posargs)
