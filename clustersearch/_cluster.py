@@ -391,6 +391,11 @@ class LocalCluster(Cluster):
     def _start(self):
         logs = Path(self.directory, "logs")
         logs.mkdir(exist_ok=True)
+        # The nodes share this machine's cores: cap each fit's BLAS/OpenMP
+        # threads to its share, or n nodes would each use every core.
+        env = dict(os.environ)
+        processes = self.n_workers * self.concurrency
+        env["CLUSTERSEARCH_THREADS_PER_PROCESS"] = str(max(1, (os.cpu_count() or 1) // processes))
         for name in self.node_names:
             cmd = [
                 sys.executable, "-m", "clustersearch", "worker",
@@ -407,7 +412,7 @@ class LocalCluster(Cluster):
             try:
                 # A session of its own: Ctrl-C in the client does not stop it.
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
             finally:
                 log.close()

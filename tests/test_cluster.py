@@ -79,6 +79,22 @@ def test_estimator_with_inner_n_jobs_works_on_a_node(embedded_cluster):
     assert_ran_on_workers(ours, embedded_cluster, n_fits=6)
 
 
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return {info["internal_api"]: info["num_threads"] for info in threadpool_info()}
+
+
+def test_fits_run_with_capped_blas_threads(embedded_cluster):
+    # 2 nodes x 1 process on this machine: each fit gets cores // 2 threads.
+    expected = max(1, os.cpu_count() // 2)
+    with embedded_cluster.joblib():
+        seen = Parallel()(delayed(_blas_threads)() for _ in range(4))
+    assert all(seen), "no BLAS/OpenMP library loaded on the nodes"
+    for threads in seen:
+        assert set(threads.values()) == {expected}, threads
+
+
 def test_refit_runs_in_the_client(embedded_cluster):
     search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
     assert search.refit_time_ > 0
