@@ -40,6 +40,8 @@ class NodeInfo:
     queue : str
     concurrency : int
         Worker processes, i.e. fits at a time.
+    hostname : str
+        Celery's name for the node's worker (``name@host``).
     host : str
         The machine's host name.
     cpu_count : int
@@ -52,6 +54,7 @@ class NodeInfo:
     name: str
     queue: str
     concurrency: int
+    hostname: str
     host: str
     cpu_count: int
     pid: int
@@ -64,6 +67,7 @@ class NodeInfo:
             name=info["node"],
             queue=queues[0] if queues else "clustersearch." + info["node"],
             concurrency=int(info["concurrency"]),
+            hostname=info.get("hostname") or info["node"],
             host=info.get("host", ""),
             cpu_count=int(info.get("cpu_count") or 0),
             pid=int(info.get("pid") or 0),
@@ -102,6 +106,12 @@ class Cluster:
     progress : bool, default=None
         Show a progress bar during fits; None shows it on a terminal or in a
         notebook.
+    heartbeat_interval : float, default=5.0
+        While a node holds work, the client pings it this often (seconds).
+    missed_heartbeats : int, default=3
+        Consecutive unanswered pings after which a node counts as gone: its
+        unfinished work is sent to the other nodes, and its late results are
+        ignored. With no node left the search fails with NoWorkersError.
 
     See Also
     --------
@@ -125,6 +135,8 @@ class Cluster:
         connect_timeout=5.0,
         queued_per_node=1,
         progress=None,
+        heartbeat_interval=5.0,
+        missed_heartbeats=3,
     ):
         self.broker_url = broker_url
         self.backend = backend
@@ -132,6 +144,8 @@ class Cluster:
         self.connect_timeout = connect_timeout
         self.queued_per_node = queued_per_node
         self.progress = progress
+        self.heartbeat_interval = heartbeat_interval
+        self.missed_heartbeats = missed_heartbeats
         self._app = None
         self._app_lock = threading.Lock()
         self._checked = False
@@ -153,6 +167,8 @@ class Cluster:
             "connect_timeout": self.connect_timeout,
             "queued_per_node": self.queued_per_node,
             "progress": self.progress,
+            "heartbeat_interval": self.heartbeat_interval,
+            "missed_heartbeats": self.missed_heartbeats,
         }
 
     def __setstate__(self, state):
@@ -258,7 +274,13 @@ class Cluster:
         nodes = self.require_nodes()
         progress = Progress(progress_enabled(self.progress))
         session = Session(
-            self.app, nodes, queued_per_node=self.queued_per_node, progress=progress
+            self.app,
+            nodes,
+            queued_per_node=self.queued_per_node,
+            progress=progress,
+            heartbeat_interval=self.heartbeat_interval,
+            missed_heartbeats=self.missed_heartbeats,
+            broker=redact(self.broker_url),
         )
         try:
             yield session

@@ -12,6 +12,7 @@ one more; nothing waits in a slow node's queue while a fast node idles.
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import Future
 
@@ -58,9 +59,23 @@ class Session:
         Batches a node may hold beyond its concurrency, so that it never
         waits for the client between two fits.
     progress : Progress or None
+    heartbeat_interval, missed_heartbeats : float, int
+        Failure detection: see :class:`~clustersearch.Cluster`.
+    broker : str
+        The broker's URL without password, for messages.
     """
 
-    def __init__(self, app, nodes, *, queued_per_node=1, progress=None):
+    def __init__(
+        self,
+        app,
+        nodes,
+        *,
+        queued_per_node=1,
+        progress=None,
+        heartbeat_interval=5.0,
+        missed_heartbeats=3,
+        broker="",
+    ):
         if not nodes:
             raise ValueError("a session needs at least one node")
         self.app = app
@@ -72,6 +87,12 @@ class Session:
         self.fits_per_node = Counter()
         self.tasks_per_node = Counter()
         self.pids = set()
+        self.lost_nodes = []
+        self._heartbeat_interval = heartbeat_interval
+        self._missed_heartbeats = missed_heartbeats
+        self._missed = Counter()
+        self._next_heartbeat = time.monotonic() + heartbeat_interval
+        self._broker = broker
         self._pending = deque()
         self._finished = deque()
         self._inflight = {}
@@ -137,6 +158,7 @@ class Session:
                         self._wake.wait(_TICK_S)
                         self._wake.clear()
                     self._finish_ready()
+                    self._check_nodes()
         except BaseException as exc:  # pragma: no cover - reported below
             logger.exception("clustersearch dispatcher stopped")
             self._fail_everything(
@@ -167,7 +189,6 @@ class Session:
                 )
                 self._finished.append(work)
                 continue
-            work.payload = None
             with self._lock:
                 self._busy[node] += 1
                 self._inflight[result.id] = (work, result)
@@ -241,6 +262,64 @@ class Session:
                     work.callback(work.future)
                 except Exception:  # pragma: no cover - joblib's own bug
                     logger.exception("joblib callback failed")
+
+    def _check_nodes(self):
+        """Ping the nodes that hold work; reroute the work of a node gone silent."""
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self._heartbeat_interval
+        with self._lock:
+            holding = {work.node for work, _ in self._inflight.values()}
+        if not holding:
+            return
+        hostnames = {self.nodes[name].hostname: name for name in holding}
+        try:
+            replies = self.app.control.ping(
+                destination=list(hostnames), timeout=1.0, limit=len(hostnames)
+            )
+        except Exception:  # the broker itself is unreachable: retry next beat
+            logger.warning("heartbeat ping failed", exc_info=True)
+            return
+        answered = {hostnames[h] for reply in replies or () for h in reply if h in hostnames}
+        for name in holding:
+            if name in answered:
+                self._missed[name] = 0
+                continue
+            self._missed[name] += 1
+            if self._missed[name] >= self._missed_heartbeats:
+                self._lose_node(name)
+
+    def _lose_node(self, name):
+        """Take ``name`` out of the rotation and send its work elsewhere."""
+        logger.warning("node %r stopped answering: rerouting its work", name)
+        with self._lock:
+            self._window.pop(name, None)
+            self.capacity -= self.nodes[name].concurrency
+            self.lost_nodes.append(name)
+            stranded = [
+                (task_id, work)
+                for task_id, (work, _) in self._inflight.items()
+                if work.node == name
+            ]
+            for task_id, work in stranded:
+                # Its result, should it ever come, no longer matches anything.
+                del self._inflight[task_id]
+                work.node = None
+                self._pending.appendleft(work)
+            self._busy[name] = 0
+            alive = bool(self._window)
+        if stranded:
+            self._revoke([task_id for task_id, _ in stranded])
+        if not alive:
+            from .exceptions import NoWorkersError
+
+            self._fail_everything(
+                NoWorkersError(
+                    f"every node on {self._broker!r} stopped answering "
+                    f"({', '.join(self.lost_nodes)}); the search cannot finish"
+                )
+            )
 
     def _revoke(self, task_ids):
         try:

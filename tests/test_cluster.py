@@ -266,3 +266,48 @@ def test_local_cluster_reports_a_node_that_cannot_start():
 def test_unknown_transport_is_a_clear_error():
     with pytest.raises(BrokerUnreachableError, match="No such transport"):
         Cluster("nosuchtransport://x").nodes()
+
+
+# -- a node that dies mid-search --------------------------------------------------
+
+
+class _SlowSVC(SVC):
+    def fit(self, X, y, **kwargs):
+        time.sleep(0.3)
+        return super().fit(X, y, **kwargs)
+
+
+def test_search_survives_a_node_killed_mid_search():
+    import signal
+
+    grid = {"C": [0.1, 1, 10, 100], "kernel": ["linear", "rbf"]}
+    with LocalCluster(n_workers=2, heartbeat_interval=0.5, missed_heartbeats=2) as cluster:
+        search = ClusterGridSearchCV(_SlowSVC(), grid, cv=3, cluster=cluster)
+        victim = cluster.processes[cluster.node_names[0]]
+        killer = threading.Timer(1.5, os.killpg, (victim.pid, signal.SIGKILL))
+        killer.start()
+        try:
+            search.fit(X, y)
+        finally:
+            killer.cancel()
+        assert victim.poll() is not None, "the node was not killed during the search"
+    reference = GridSearchCV(SVC(), grid, cv=3).fit(X, y)
+    np.testing.assert_array_equal(
+        search.cv_results_["mean_test_score"], reference.cv_results_["mean_test_score"]
+    )
+    # Every fit counted once, whichever node ran it.
+    assert sum(search.fits_per_node_.values()) == 24
+    assert search.fits_per_node_[cluster.node_names[1]] > 12
+
+
+def test_every_node_gone_is_an_error_not_a_hang():
+    import signal
+
+    with LocalCluster(n_workers=1, heartbeat_interval=0.5, missed_heartbeats=2) as cluster:
+        search = ClusterGridSearchCV(_SlowSVC(), GRID, cv=3, cluster=cluster)
+        (victim,) = cluster.processes.values()
+        threading.Timer(1.0, os.killpg, (victim.pid, signal.SIGKILL)).start()
+        start = time.monotonic()
+        with pytest.raises(NoWorkersError, match="stopped answering"):
+            search.fit(X, y)
+        assert time.monotonic() - start < 30
