@@ -164,6 +164,15 @@ class Session:
             self._fail_everything(
                 ClusterSearchError(f"the dispatcher stopped: {exc!r}")
             )
+        finally:
+            # Celery's backend is per thread, and this thread ends here. An
+            # rpc:// consumer left open would share the app's reply queue with
+            # the next session's and take half of its results (a hang).
+            if backend_is_async(backend):
+                try:
+                    backend.result_consumer.stop()
+                except Exception:
+                    logger.debug("closing the result consumer failed", exc_info=True)
 
     def _send_ready(self, producer):
         while True:

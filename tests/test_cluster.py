@@ -311,3 +311,11 @@ def test_every_node_gone_is_an_error_not_a_hang():
         with pytest.raises(NoWorkersError, match="stopped answering"):
             search.fit(X, y)
         assert time.monotonic() - start < 30
+
+
+def test_consecutive_searches_share_one_cluster(cluster):
+    # Regression: an rpc:// result consumer left open by one search took
+    # half of the next search's results, and the second search hung.
+    for _ in range(3):
+        search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
+        assert sum(search.fits_per_node_.values()) == 18
