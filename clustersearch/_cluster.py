@@ -416,7 +416,7 @@ class LocalCluster(Cluster):
         # The nodes share this machine's cores: cap each fit's BLAS/OpenMP
         # threads to its share, or n nodes would each use every core.
         env = dict(os.environ)
-        processes = self.n_workers * self.concurrency
+        processes = max(1, self.n_workers * self.concurrency)
         env["CLUSTERSEARCH_THREADS_PER_PROCESS"] = str(max(1, (os.cpu_count() or 1) // processes))
         for name in self.node_names:
             cmd = [

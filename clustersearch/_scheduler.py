@@ -11,6 +11,7 @@ one more; nothing waits in a slow node's queue while a fast node idles.
 """
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -255,6 +256,8 @@ class Session:
             if work.error is None:
                 value = work.result
                 output = value["output"]
+                if value.get("stdout"):
+                    sys.stdout.write(value["stdout"])
                 if isinstance(output, RemoteFailure):
                     work.error = output.exception_with_traceback()
                 else:

@@ -12,12 +12,14 @@ Celery's own command line::
 Nodes import only this module and what it needs (no estimator code of ours).
 """
 
+import io
 import os
 import platform
 import socket
 import sys
 import time
 import traceback
+from contextlib import redirect_stdout
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -175,6 +177,7 @@ def run_batch(task, payload: bytes):
     """
     node = node_name(task.request.hostname)
     started = time.time()
+    printed = io.StringIO()
     try:
         from joblib import parallel_config
 
@@ -182,7 +185,9 @@ def run_batch(task, payload: bytes):
         batch = loads(payload)
         # One fit per process: joblib calls made inside a fit run
         # sequentially here (the node's processes already fill its cores).
-        with parallel_config(backend="sequential"):
+        # What the fits print (scikit-learn's verbose lines) goes back to the
+        # client, which prints it there.
+        with parallel_config(backend="sequential"), redirect_stdout(printed):
             output = batch()
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -190,6 +195,7 @@ def run_batch(task, payload: bytes):
         output = RemoteFailure(exc, node)
     return {
         "output": output,
+        "stdout": printed.getvalue(),
         "node": node,
         "pid": os.getpid(),
         "started": started,
