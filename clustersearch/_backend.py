@@ -49,12 +49,11 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         self._claimed = None
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **kwargs):
-        local = prefer == "threads" or require == "sharedmem"
-        if self.first_only:
-            local = local or (self._claimed is not None and parallel is not self._claimed)
-        if local:
-            backend = ThreadingBackend if (prefer == "threads" or require == "sharedmem") else LokyBackend
-            raise FallbackToBackend(backend(nesting_level=0))
+        threads = prefer == "threads" or require == "sharedmem"
+        foreign = self.first_only and self._claimed is not None and parallel is not self._claimed
+        if threads or foreign:
+            local = ThreadingBackend if threads else LokyBackend
+            raise FallbackToBackend(local(nesting_level=0))
         self._claimed = parallel
         self.parallel = parallel
         return self.effective_n_jobs(n_jobs)
