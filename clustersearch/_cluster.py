@@ -347,6 +347,10 @@ class LocalCluster(Cluster):
         Let the nodes run as root. None allows it for the embedded transport
         only, whose folder no other user can write to.
     loglevel : str, default="WARNING"
+    cache_size : int or str, default=None
+        Bound of the nodes' data cache (``"2GB"``, ``"512MiB"``, bytes);
+        None is the worker's default, 2 GiB. The nodes of one LocalCluster
+        share one cache folder, as the nodes of one machine do by default.
     **kwargs
         Passed to :class:`Cluster`.
 
@@ -354,7 +358,9 @@ class LocalCluster(Cluster):
     ----------
     node_names : list of str
     directory : str
-        The private folder (embedded transport, node logs).
+        The private folder (embedded transport, node logs, data cache).
+    cache_dir : str
+        The nodes' data cache.
 
     Examples
     --------
@@ -373,13 +379,16 @@ class LocalCluster(Cluster):
         startup_timeout=60.0,
         allow_root=None,
         loglevel="WARNING",
+        cache_size=None,
         **kwargs,
     ):
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
+        self.cache_size = cache_size
         self.concurrency = concurrency
         self.startup_timeout = startup_timeout
         self.loglevel = loglevel
         self.directory = tempfile.mkdtemp(prefix="clustersearch-")
+        self.cache_dir = str(Path(self.directory, "cache"))
         embedded = broker_url is None
         if embedded:
             broker_url = "filesystem://" + str(Path(self.directory, "transport"))
@@ -425,7 +434,10 @@ class LocalCluster(Cluster):
                 "--name", name,
                 "--concurrency", str(self.concurrency),
                 "--loglevel", self.loglevel,
+                "--cache-dir", self.cache_dir,
             ]  # fmt: skip
+            if self.cache_size is not None:
+                cmd += ["--cache-size", str(self.cache_size)]
             if self.backend:
                 cmd += ["--backend", self.backend]
             if self.allow_root:

@@ -19,8 +19,9 @@ from concurrent.futures import Future
 
 from celery import states
 
+from ._blobs import BlobServer, BlobTable
 from ._progress import Progress
-from ._serialization import SERIALIZER, dumps
+from ._serialization import SERIALIZER, dumps_with_blobs
 from .exceptions import ClusterSearchError
 from .worker import TASK_NAME, RemoteFailure
 
@@ -35,10 +36,11 @@ _TICK_S = 0.005
 
 
 class _Work:
-    __slots__ = ("payload", "callback", "future", "n_calls", "node", "result", "error")
+    __slots__ = ("payload", "refs", "callback", "future", "n_calls", "node", "result", "error")
 
-    def __init__(self, payload, callback, n_calls, error=None):
+    def __init__(self, payload, callback, n_calls, error=None, refs=()):
         self.payload = payload
+        self.refs = refs
         self.callback = callback
         self.future = Future()
         self.n_calls = n_calls
@@ -87,6 +89,7 @@ class Session:
         self.progress = progress or Progress(enabled=False)
         self.fits_per_node = Counter()
         self.tasks_per_node = Counter()
+        self.task_bytes_per_node = Counter()
         self.pids = set()
         self.lost_nodes = []
         self._heartbeat_interval = heartbeat_interval
@@ -101,6 +104,9 @@ class Session:
         self._wake = threading.Event()
         self._closing = False
         self._failure = None
+        # Large arrays go to each node once, on request (see _blobs).
+        self.blobs = BlobTable()
+        self.blob_server = BlobServer(app, self.blobs)
         self._thread = threading.Thread(
             target=self._run, name="clustersearch-dispatch", daemon=True
         )
@@ -112,7 +118,8 @@ class Session:
         """Queue ``func`` (a joblib batch) for a node; return its future."""
         n_calls = len(func) if hasattr(func, "__len__") else 1
         try:
-            work = _Work(dumps(func), callback, n_calls)
+            payload, refs = dumps_with_blobs(func, self.blobs)
+            work = _Work(payload, callback, n_calls, refs=refs)
         except Exception as exc:
             from .exceptions import NotPicklableError
 
@@ -143,7 +150,13 @@ class Session:
         self._closing = True
         self._wake.set()
         self._thread.join()
+        self.blob_server.close()
         self.progress.close()
+
+    @property
+    def data_bytes_per_node(self):
+        """Bytes of data (blobs) sent to each node."""
+        return self.blob_server.bytes_per_node
 
     # -- the dispatcher thread --------------------------------------------
 
@@ -189,6 +202,7 @@ class Session:
                 result = self.app.send_task(
                     TASK_NAME,
                     args=(work.payload,),
+                    kwargs={"source": self.blob_server.queue_name, "blobs": work.refs},
                     queue=self.nodes[node].queue,
                     serializer=SERIALIZER,
                     producer=producer,
@@ -202,6 +216,7 @@ class Session:
             with self._lock:
                 self._busy[node] += 1
                 self._inflight[result.id] = (work, result)
+                self.task_bytes_per_node[node] += len(work.payload)
             if backend_is_async(self.app.backend):
                 result.then(self._on_ready)
 

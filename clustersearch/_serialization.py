@@ -17,7 +17,7 @@ import sysconfig
 import cloudpickle
 from kombu.serialization import register
 
-__all__ = ["CONTENT_TYPE", "SERIALIZER", "dumps", "loads"]
+__all__ = ["CONTENT_TYPE", "SERIALIZER", "dumps", "dumps_with_blobs", "loads"]
 
 SERIALIZER = "clustersearch"
 CONTENT_TYPE = "application/x-clustersearch-pickle"
@@ -63,12 +63,39 @@ def _send_user_modules_by_value():
             pass
 
 
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle, with large arrays replaced by references to blobs."""
+
+    def __init__(self, file, table):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.table = table
+        self.refs = {}
+
+    def persistent_id(self, obj):
+        ref = self.table.persistent_id(obj)
+        if ref is not None:
+            self.refs[ref[1]] = ref[2]
+        return ref
+
+
 def dumps(obj) -> bytes:
     """Serialize ``obj`` for a node (protocol 5, by value for user code)."""
     _send_user_modules_by_value()
     buffer = io.BytesIO()
     cloudpickle.CloudPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buffer.getvalue()
+
+
+def dumps_with_blobs(obj, table) -> tuple[bytes, list]:
+    """Serialize ``obj`` with its large arrays left in ``table``.
+
+    Returns the payload and the ``(digest, kind)`` pairs it references.
+    """
+    _send_user_modules_by_value()
+    buffer = io.BytesIO()
+    pickler = _Pickler(buffer, table)
+    pickler.dump(obj)
+    return buffer.getvalue(), sorted(pickler.refs.items())
 
 
 def loads(data: bytes):

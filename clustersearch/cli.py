@@ -31,6 +31,12 @@ def _parser():
     worker.add_argument("--concurrency", type=int, default=None,
                         help="worker processes, one fit each (default: CPU cores)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--cache-dir", default=os.environ.get("CLUSTERSEARCH_CACHE_DIR"),
+                        help="folder of the node's data cache, shared by its processes "
+                        "(default: $CLUSTERSEARCH_CACHE_DIR or ~/.cache/clustersearch/blobs)")
+    worker.add_argument("--cache-size", default=os.environ.get("CLUSTERSEARCH_CACHE_BYTES"),
+                        help="bound of the data cache, least recently used out "
+                        "(e.g. 2GB, 512MiB; default 2GiB)")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
 
@@ -54,6 +60,20 @@ def _run_worker(args):
     concurrency = args.concurrency if args.concurrency is not None else os.cpu_count() or 1
     if concurrency < 1:
         sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
+    from ._blobs import DEFAULT_CACHE_BYTES, default_cache_dir, parse_size
+
+    try:
+        cache_bytes = parse_size(args.cache_size) if args.cache_size else DEFAULT_CACHE_BYTES
+    except ValueError as exc:
+        sys.exit(f"clustersearch worker: --cache-size: {exc}")
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        sys.exit(f"clustersearch worker: cannot use --cache-dir {cache_dir}: {exc}")
+    # The pool's processes read these (see worker.node_cache).
+    os.environ["CLUSTERSEARCH_CACHE_DIR"] = cache_dir
+    os.environ["CLUSTERSEARCH_CACHE_BYTES"] = str(cache_bytes)
     threads = str(max(1, (os.cpu_count() or 1) // concurrency))
     os.environ.setdefault("CLUSTERSEARCH_THREADS_PER_PROCESS", threads)
     for var in _THREAD_VARS:

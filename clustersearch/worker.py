@@ -168,21 +168,42 @@ def node_name(hostname: str | None) -> str:
     return (hostname or socket.gethostname()).split("@", 1)[0]
 
 
-def run_batch(task, payload: bytes):
+_node_cache = None
+
+
+def node_cache():
+    """This process's view of the node's blob cache (see ``_blobs``)."""
+    global _node_cache
+    if _node_cache is None:
+        from ._blobs import NodeCache
+
+        _node_cache = NodeCache.from_environ()
+    return _node_cache
+
+
+def run_batch(task, payload: bytes, source: str | None = None, blobs=()):
     """Run one joblib batch of calls; return its results and where it ran.
 
-    The payload is unpickled here, not by Celery, so that a payload which
-    cannot be loaded on this node (a missing module, a version mismatch)
-    comes back to the client as an error instead of a dropped message.
+    ``blobs`` lists the ``(digest, kind)`` of the arrays the payload refers
+    to; those the node lacks are fetched from the client's queue ``source``
+    first. The payload is unpickled here, not by Celery, so that a payload
+    which cannot be loaded on this node (a missing module, a version
+    mismatch) comes back to the client as an error instead of a dropped
+    message.
     """
     node = node_name(task.request.hostname)
     started = time.time()
     printed = io.StringIO()
+    fetched = 0
     try:
         from joblib import parallel_config
 
         _cap_threads()
-        batch = loads(payload)
+        cache = node_cache()
+        fetched = cache.ensure(
+            [tuple(ref) for ref in blobs], source, task.app.connection_for_write, node
+        )
+        batch = cache.loads(payload)
         # One fit per process: joblib calls made inside a fit run
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
@@ -198,6 +219,7 @@ def run_batch(task, payload: bytes):
         "stdout": printed.getvalue(),
         "node": node,
         "pid": os.getpid(),
+        "fetched": fetched,
         "started": started,
         "finished": time.time(),
     }
