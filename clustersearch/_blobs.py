@@ -201,7 +201,11 @@ class BlobServer:
     def _run(self):
         while not self._stop.is_set():
             try:
-                with self.app.connection_for_write() as conn:
+                # Requests are rare (a node's first task on new data): on
+                # polling transports, look for them less often than nodes
+                # look for work.
+                options = {"polling_interval": 0.02}
+                with self.app.connection_for_write(transport_options=options) as conn:
                     conn.ensure_connection(max_retries=3)
                     producer = conn.Producer()
                     queue = self._queue()

@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 # How long the dispatcher waits for results before it looks for new work
 # to send. Work submitted from result callbacks is sent at once; this bounds
 # the delay of work submitted from the caller's thread.
-_TICK_S = 0.005
+_TICK_S = 0.002
+# The longest the dispatcher waits for results before it looks again, when
+# nothing has come back for a while; and its wait with nothing in flight.
+_MAX_WAIT_S = 0.05
+_IDLE_S = 0.1
 
 
 class _Work:
@@ -162,15 +166,22 @@ class Session:
 
     def _run(self):
         backend = self.app.backend
+        wait = _TICK_S
         try:
             with self.app.producer_or_acquire() as producer:
                 while not self._closing:
                     self._send_ready(producer)
                     if self._inflight:
-                        self._collect(backend)
+                        self._collect(backend, wait)
                     else:
-                        self._wake.wait(_TICK_S)
+                        # submit() sets the event: no need to poll.
+                        self._wake.wait(_IDLE_S)
                         self._wake.clear()
+                    # Back off while nothing comes back (fits take a while),
+                    # so that the client does not take CPU from the nodes
+                    # that share its machine; answer fast again as soon as
+                    # results flow.
+                    wait = _TICK_S if self._finished else min(2 * wait, _MAX_WAIT_S)
                     self._finish_ready()
                     self._check_nodes()
         except BaseException as exc:  # pragma: no cover - reported below
@@ -232,10 +243,10 @@ class Session:
                 best, best_room = name, room
         return best
 
-    def _collect(self, backend):
+    def _collect(self, backend, wait):
         if backend_is_async(backend):
             try:
-                backend.result_consumer.drain_events(timeout=_TICK_S)
+                backend.result_consumer.drain_events(timeout=wait)
             except TimeoutError:
                 pass
             return
@@ -245,8 +256,8 @@ class Session:
             if meta["status"] in states.READY_STATES:
                 result._maybe_set_cache(meta)
                 self._on_ready(result)
-        if self._inflight:
-            self._wake.wait(_TICK_S)
+        if self._inflight and not self._finished:
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _on_ready(self, result):

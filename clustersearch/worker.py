@@ -28,7 +28,7 @@ from celery.worker.control import inspect_command
 
 from . import __version__
 from ._serialization import CONTENT_TYPE, SERIALIZER, loads
-from ._transport import FILE_BACKEND, TRANSPORT
+from ._transport import FILE_BACKEND, RPC_BACKEND, TRANSPORT
 
 __all__ = ["QUEUE_PREFIX", "TASK_NAME", "app_config", "create_app", "queue_for"]
 
@@ -107,6 +107,8 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
     if urlparse(backend_url).scheme == "file":
         Path(unquote(urlparse(backend_url).path)).mkdir(parents=True, exist_ok=True)
         conf["result_backend"] = FILE_BACKEND + backend_url
+    elif urlparse(backend_url).scheme == "rpc":
+        conf["result_backend"] = RPC_BACKEND + backend_url
     return conf
 
 
