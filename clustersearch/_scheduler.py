@@ -16,16 +16,22 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
+from uuid import uuid4
 
 from celery import states
 
 from ._blobs import BlobServer, BlobTable
 from ._progress import Progress
-from ._serialization import SERIALIZER, dumps_with_blobs
+from ._serialization import dumps_with_blobs, loads
+from ._signing import MessageRejected, Signer
 from .exceptions import ClusterSearchError
 from .worker import TASK_NAME, RemoteFailure
 
 __all__ = ["Session"]
+
+
+def uuid():
+    return str(uuid4())
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +46,14 @@ _IDLE_S = 0.1
 
 
 class _Work:
-    __slots__ = ("payload", "refs", "callback", "future", "n_calls", "node", "result", "error")
+    __slots__ = (
+        "payload", "refs", "callback", "future", "n_calls", "node", "result", "error", "task_id"
+    )  # fmt: skip
 
     def __init__(self, payload, callback, n_calls, error=None, refs=()):
         self.payload = payload
         self.refs = refs
+        self.task_id = None
         self.callback = callback
         self.future = Future()
         self.n_calls = n_calls
@@ -70,6 +79,8 @@ class Session:
         Failure detection: see :class:`~clustersearch.Cluster`.
     broker : str
         The broker's URL without password, for messages.
+    signer : Signer or None
+        Signs work and verifies results (see ``_signing``).
     """
 
     def __init__(
@@ -82,10 +93,12 @@ class Session:
         heartbeat_interval=5.0,
         missed_heartbeats=3,
         broker="",
+        signer=None,
     ):
         if not nodes:
             raise ValueError("a session needs at least one node")
         self.app = app
+        self.signer = signer or Signer(None)
         self.nodes = {node.name: node for node in nodes}
         self._window = {n.name: n.concurrency + queued_per_node for n in nodes}
         self._busy = Counter({n.name: 0 for n in nodes})
@@ -209,13 +222,24 @@ class Session:
                     return
                 work = self._pending.popleft()
             work.node = node
+            # A new id per sending: a result for an earlier sending of the
+            # same work (rerouted from a lost node) matches nothing.
+            work.task_id = uuid()
+            source = self.blob_server.queue_name
+            refs = [list(ref) for ref in work.refs]
             try:
                 result = self.app.send_task(
                     TASK_NAME,
                     args=(work.payload,),
-                    kwargs={"source": self.blob_server.queue_name, "blobs": work.refs},
+                    kwargs={
+                        "source": source,
+                        "blobs": refs,
+                        "auth": self.signer.sign("task", work.task_id, work.payload,
+                                                 [source, refs]),
+                    },  # fmt: skip
+                    task_id=work.task_id,
                     queue=self.nodes[node].queue,
-                    serializer=SERIALIZER,
+                    serializer="json",
                     producer=producer,
                 )
             except Exception as exc:
@@ -280,7 +304,11 @@ class Session:
         while self._finished:
             work = self._finished.popleft()
             if work.error is None:
-                value = work.result
+                try:
+                    value = self._open_result(work)
+                except MessageRejected as exc:
+                    work.error = exc
+            if work.error is None:
                 output = value["output"]
                 if value.get("stdout"):
                     sys.stdout.write(value["stdout"])
@@ -300,6 +328,20 @@ class Session:
                     work.callback(work.future)
                 except Exception:  # pragma: no cover - joblib's own bug
                     logger.exception("joblib callback failed")
+
+    def _open_result(self, work):
+        """Verify (with a secret) and unpickle what a node sent back."""
+        envelope = work.result
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
+            raise MessageRejected(
+                f"node {work.node!r} sent back something that is not a clustersearch "
+                f"result ({type(envelope).__name__}): is it running the same version?"
+            )
+        try:
+            self.signer.verify("result", work.task_id, envelope["payload"], envelope.get("auth"))
+        except MessageRejected as exc:
+            raise MessageRejected(f"result of node {work.node!r} refused: {exc}") from None
+        return loads(envelope["payload"])
 
     def _check_nodes(self):
         """Ping the nodes that hold work; reroute the work of a node gone silent."""

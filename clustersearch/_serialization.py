@@ -1,10 +1,10 @@
-"""How work and results travel: one kombu serializer, registered by name.
+"""How work and results are pickled.
 
-Task messages and results are pickled with cloudpickle, which sends classes
-and functions defined in ``__main__`` or a notebook by value (plain pickle
-sends only their name, which the nodes cannot import). The Celery envelope
-and the remote-control channel (ping, inspect) stay JSON: only clustersearch's
-own tasks use this content type, per message.
+Batches and results are pickled with cloudpickle, which sends classes and
+functions defined in ``__main__`` or a notebook by value (plain pickle sends
+only their name, which the nodes cannot import). The pickles travel as bytes
+inside JSON messages: Celery never unpickles anything; clustersearch does,
+after verifying the signature when a secret is set (``_signing``).
 """
 
 import io
@@ -15,12 +15,9 @@ import sys
 import sysconfig
 
 import cloudpickle
-from kombu.serialization import register
 
-__all__ = ["CONTENT_TYPE", "SERIALIZER", "dumps", "dumps_with_blobs", "loads"]
+__all__ = ["dumps", "dumps_with_blobs", "loads"]
 
-SERIALIZER = "clustersearch"
-CONTENT_TYPE = "application/x-clustersearch-pickle"
 
 
 def _installed_roots():
@@ -101,12 +98,3 @@ def dumps_with_blobs(obj, table) -> tuple[bytes, list]:
 def loads(data: bytes):
     """Inverse of :func:`dumps`."""
     return pickle.loads(data)
-
-
-register(
-    SERIALIZER,
-    dumps,
-    loads,
-    content_type=CONTENT_TYPE,
-    content_encoding="binary",
-)
