@@ -45,4 +45,4 @@ def bench(session: nox.Session) -> None:
         "--json", "benchmarks/results/latest.json", "--markdown", "docs/benchmarks.md"
     ]
     session.run("python", "benchmarks/bench_search.py", *args)
-    session.run("python", "benchmarks/pine64_model.py")
+    session.run("python", "benchmarks/pine64_model.py", "--markdown", "docs/benchmarks.md")
