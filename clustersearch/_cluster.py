@@ -107,11 +107,35 @@ class Cluster:
         Show a progress bar during fits; None shows it on a terminal or in a
         notebook.
     heartbeat_interval : float, default=5.0
-        While a node holds work, the client pings it this often (seconds).
+        During a search the client asks every node for its info this often
+        (seconds). The same broadcast finds nodes that join mid-search: they
+        get work at once.
     missed_heartbeats : int, default=3
-        Consecutive unanswered pings after which a node counts as gone: its
-        unfinished work is sent to the other nodes, and its late results are
-        ignored. With no node left the search fails with NoWorkersError.
+        Consecutive unanswered heartbeats after which a node counts as lost:
+        its unfinished work is sent to the other nodes, its stale copies are
+        revoked and taken out of its queue, and its late results are ignored.
+        A lost node that answers again rejoins. Detection takes between
+        ``missed_heartbeats`` and ``missed_heartbeats + 1`` intervals (plus
+        up to one second of reply wait).
+    max_retries : int, default=2
+        A batch of fits whose worker process or node died is sent again (call
+        by call, preferably to other nodes) at most this many times. A fit
+        lost ``max_retries + 1`` times (one that runs out of memory on every
+        node) ends as scikit-learn's ``error_score`` entry, its reason a
+        :class:`~clustersearch.exceptions.NodeFailureError` naming each node
+        and what happened there (``error_score="raise"`` raises it).
+    no_node_timeout : float, default=30.0
+        With every node lost, or the broker unreachable, for this long
+        (seconds) the search fails with NoWorkersError (or
+        BrokerUnreachableError) instead of waiting.
+    straggler_factor : float or None, default=3.0
+        When no batch waits to be sent and a node is idle, a batch in flight
+        for more than ``straggler_factor`` times the median batch time (and
+        at least a second) is sent to the idle node as well; the first result
+        wins and the other copy is revoked. None turns this off.
+    reconnect_grace : float, default=10.0
+        After the broker comes back, nodes get this long (seconds) to
+        reconnect before their silence counts as missed heartbeats.
 
     See Also
     --------
@@ -137,6 +161,10 @@ class Cluster:
         progress=None,
         heartbeat_interval=5.0,
         missed_heartbeats=3,
+        max_retries=2,
+        no_node_timeout=30.0,
+        straggler_factor=3.0,
+        reconnect_grace=10.0,
     ):
         self.broker_url = broker_url
         self.backend = backend
@@ -146,6 +174,10 @@ class Cluster:
         self.progress = progress
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
+        self.max_retries = max_retries
+        self.no_node_timeout = no_node_timeout
+        self.straggler_factor = straggler_factor
+        self.reconnect_grace = reconnect_grace
         self._app = None
         self._app_lock = threading.Lock()
         self._checked = False
@@ -169,6 +201,10 @@ class Cluster:
             "progress": self.progress,
             "heartbeat_interval": self.heartbeat_interval,
             "missed_heartbeats": self.missed_heartbeats,
+            "max_retries": self.max_retries,
+            "no_node_timeout": self.no_node_timeout,
+            "straggler_factor": self.straggler_factor,
+            "reconnect_grace": self.reconnect_grace,
         }
 
     def __setstate__(self, state):
@@ -281,6 +317,11 @@ class Cluster:
             heartbeat_interval=self.heartbeat_interval,
             missed_heartbeats=self.missed_heartbeats,
             broker=redact(self.broker_url),
+            discover=lambda timeout: self.nodes(timeout=timeout),
+            max_retries=self.max_retries,
+            no_node_timeout=self.no_node_timeout,
+            straggler_factor=self.straggler_factor,
+            reconnect_grace=self.reconnect_grace,
         )
         try:
             yield session
