@@ -167,6 +167,7 @@ class Session:
         self._no_nodes_since = None
         self._broker_down_since = None
         self._next_send_try = 0.0
+        self._reply_connection = None
         self._grace_until = 0.0
         self._pending = deque()
         self._finished = deque()
@@ -348,6 +349,7 @@ class Session:
                 # rpc:// lost the broker; Celery reconnects on the next drain.
                 self._broker_trouble(exc)
                 self._wake.wait(_BROKER_RETRY_S)
+            self._check_reply_connection(backend)
             return
         # Backends without push (file://, databases): poll what is in flight.
         for task_id, (_, result) in list(self._inflight.items()):
@@ -392,6 +394,9 @@ class Session:
     def _finish_ready(self):
         while self._finished:
             work = self._finished.popleft()
+            if work.future.done():  # pragma: no cover - finished twice: a bug
+                logger.error("a batch finished twice; ignored the second time")
+                continue
             if work.error is None:
                 value = work.result
                 output = value["output"]
@@ -540,10 +545,15 @@ class Session:
         self._finished.append(work)
 
     def _has_copy(self, work):
-        return any(w is work for w, _ in self._inflight.values())
+        """Whether another copy of ``work`` is in flight or waits to be sent."""
+        return any(w is work for w, _ in self._inflight.values()) or any(
+            w is work for w in self._pending
+        )
 
     def _drop_copies(self, work):
-        """Forget the other copies of ``work`` in flight; their task ids."""
+        """Forget the other copies of ``work``; the task ids of those in flight."""
+        for waiting in [w for w in self._pending if w is work]:
+            self._pending.remove(waiting)
         ids = [tid for tid, (w, _) in self._inflight.items() if w is work]
         for task_id in ids:
             del self._inflight[task_id]
@@ -619,13 +629,32 @@ class Session:
         self._grace_until = now + self._reconnect_grace
         self._missed.clear()
         if type(self.app.backend).__name__ == "RPCBackend":
-            # rpc:// results published while the broker was away are lost:
-            # send every batch in flight again (the first result still wins).
-            with self._lock:
-                for work, _ in list(self._inflight.values()):
-                    if work not in self._backed_up:
-                        self._backed_up.add(work)
-                        self._pending.append(work)
+            # rpc:// results published while the broker was away are lost.
+            self._resend_inflight()
+
+    def _check_reply_connection(self, backend):
+        """rpc://: a new reply connection means results may have been lost.
+
+        Celery's rpc:// consumer reconnects by itself, and what nodes sent
+        while its reply queue was gone (a broker restart) is lost: send what
+        is in flight again, whether or not the outage was noticed otherwise.
+        """
+        connection = getattr(backend.result_consumer, "_connection", None)
+        if connection is None or connection is self._reply_connection:
+            return
+        if self._reply_connection is not None:
+            logger.warning("the rpc:// result consumer reconnected: resending the work in flight")
+            self._event("results-lost")
+            self._resend_inflight()
+        self._reply_connection = connection
+
+    def _resend_inflight(self):
+        """Send every batch in flight once more (the first result still wins)."""
+        with self._lock:
+            for work, _ in list(self._inflight.values()):
+                if work not in self._backed_up:
+                    self._backed_up.add(work)
+                    self._pending.append(work)
 
     def _reclaim(self, name, task_ids):
         try:
