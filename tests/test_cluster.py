@@ -326,6 +326,7 @@ class _DiesOnC100(SVC):
         return super().fit(X, y, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_fit_that_kills_its_worker_every_time_ends_as_error_score(embedded_cluster):
     from sklearn.exceptions import FitFailedWarning
 
@@ -415,6 +416,66 @@ def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how
     # The nodes are still there for the next search.
     search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
     assert sum(search.fits_per_node_.values()) == 18
+
+
+class _Sleeps(SVC):
+    """A long fit (3 s), standing for one of hours."""
+
+    def fit(self, X, y, **kwargs):
+        time.sleep(3.0)
+        return super().fit(X, y, **kwargs)
+
+
+def _unacknowledged(transport, cluster):
+    """Messages a node holds without having acknowledged them."""
+    if transport == "redis":
+        import redis
+
+        # kombu's Redis transport keeps delivered, unacknowledged messages in
+        # the "unacked" hash until they are acknowledged, or restores them to
+        # their queue after visibility_timeout.
+        return redis.Redis.from_url(cluster.broker_url).hlen("unacked")
+    queues = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    node_queues = {f"clustersearch.{name}" for name in cluster.node_names}
+    return sum(
+        int(count) for name, count in (line.split() for line in queues.splitlines() if line.strip())
+        if name in node_queues
+    )  # fmt: skip
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["rabbitmq", "redis"])
+def test_a_running_fit_holds_no_unacknowledged_message(transport):
+    # A fit is acknowledged when it starts: RabbitMQ's consumer_timeout and
+    # Redis's visibility_timeout only apply to unacknowledged messages, so
+    # neither can redeliver a fit however long it runs. queued_per_node=0:
+    # nothing waits at the node either (README, long fits).
+    from conftest import RABBITMQ
+
+    if transport == "rabbitmq":
+        require_servers(RABBITMQ)
+        if os.geteuid() != 0:
+            pytest.skip("rabbitmqctl needs root")
+        broker, backend = RABBITMQ, REDIS + "/1"
+    else:
+        require_servers(REDIS)
+        broker = backend = REDIS + "/6"
+    with LocalCluster(
+        n_workers=1, broker_url=broker, backend=backend, allow_root=True, queued_per_node=0
+    ) as cluster:
+        search = ClusterGridSearchCV(_Sleeps(), {"C": [1]}, cv=2, cluster=cluster)
+        thread = threading.Thread(target=search.fit, args=(X, y))
+        thread.start()
+        try:
+            time.sleep(1.5)  # the first fit runs
+            assert _unacknowledged(transport, cluster) == 0
+        finally:
+            thread.join()
+    assert sum(search.fits_per_node_.values()) == 2
 
 
 def test_consecutive_searches_share_one_cluster(cluster):
