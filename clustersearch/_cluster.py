@@ -114,9 +114,9 @@ class Cluster:
         Consecutive unanswered heartbeats after which a node counts as lost:
         its unfinished work is sent to the other nodes, its stale copies are
         revoked and taken out of its queue, and its late results are ignored.
-        A lost node that answers again rejoins. Detection takes between
-        ``missed_heartbeats`` and ``missed_heartbeats + 1`` intervals (plus
-        up to one second of reply wait).
+        A lost node that answers again rejoins. Detection takes
+        ``missed_heartbeats - 1`` to ``missed_heartbeats`` intervals, plus
+        the wait for replies (the interval, at most one second).
     max_retries : int, default=2
         A batch of fits whose worker process or node died is sent again (call
         by call, preferably to other nodes) at most this many times. A fit

@@ -30,9 +30,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.slow]
 FIT_S = 0.4  # each fit of the fault runs sleeps this long (a slow board)
 BURN_S = 0.1  # each fit of the straggler run burns this much CPU time
 HEARTBEAT = {"heartbeat_interval": 0.5, "missed_heartbeats": 2}
-# Detection takes missed_heartbeats to missed_heartbeats + 1 intervals, and
-# a beat waits up to min(1, interval) s for replies.
-DETECTION_BOUND_S = (HEARTBEAT["missed_heartbeats"] + 1) * 0.5 + 0.5 + 0.5
+# Detection takes missed_heartbeats - 1 to missed_heartbeats intervals, plus
+# the wait for replies (min(1, interval) s); 1 s more for this busy machine.
+DETECTION_BOUND_S = HEARTBEAT["missed_heartbeats"] * 0.5 + 0.5 + 1.0
 # This machine (2 cores) runs the client, the broker and every node.
 SLACK_S = 2.0
 
@@ -261,7 +261,9 @@ def test_link_cut_longer_than_detection_then_restored(healthy, fault_free):
     left = N_FITS * FIT_S * max(0.0, 1 - run.fault_at_rel / fault_free.wall)
     away = min(1.0, (cut_s + rejoin) / max(run.wall - run.fault_at_rel, 1e-9))
     capacity = away * (left / 2 - left / 3)
-    extra = _report("link cut 3 s", run, fault_free, detection=detection, rejoined_after=rejoin)
+    extra = _report(
+        f"link cut {cut_s:.1f} s", run, fault_free, detection=detection, rejoined_after=rejoin
+    )
     assert detection < DETECTION_BOUND_S
     assert extra < detection + 2 * FIT_S + capacity + SLACK_S
 
