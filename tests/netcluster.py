@@ -212,6 +212,7 @@ class NetCluster:
             "cgroups": [str(c.path) for c in self.cgroups.values()],
             "node_pids": [p.pid for p in self.procs.values()],
             "proxy_pid": self._proxy.pid if self._proxy else None,
+            "broker_stopped": self.broker_stopped,
         }
         self._state.write_text(json.dumps(state))
 
@@ -390,12 +391,14 @@ class NetCluster:
     def stop_broker(self):
         self.broker_stopped = True
         self.dirty.update(self.procs)
+        self._write_state()  # a run killed now still gets the broker back
         _run("rabbitmqctl", "-q", "stop_app")
 
     def start_broker(self):
         _run("rabbitmqctl", "-q", "start_app")
         _run("rabbitmqctl", "-q", "await_startup")
         self.broker_stopped = False
+        self._write_state()
 
     def reset(self, hosts=None):
         """Healthy nodes on ``hosts`` (the first ``n_nodes``) again, after a fault.
@@ -460,10 +463,15 @@ def reap_leftovers():
             continue
         if _pid_alive(state.get("pid", 0)):
             continue
-        for pid in [*state.get("node_pids", ()), state.get("proxy_pid")]:
-            if pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL) if pid in state.get("node_pids", ()) else os.kill(pid, signal.SIGKILL)
+        if state.get("broker_stopped"):
+            _run("rabbitmqctl", "-q", "start_app", check=False)
+            _run("rabbitmqctl", "-q", "await_startup", check=False)
+        for pid in state.get("node_pids", ()):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if state.get("proxy_pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state["proxy_pid"], signal.SIGKILL)
         for cgroup in state.get("cgroups", ()):
             _CpuQuota.remove(cgroup)
         _teardown(state, [])
