@@ -108,7 +108,8 @@ class Session:
         What happened to the nodes, in order: ``{"t": time.monotonic(),
         "event": ..., "node": ..., ...}`` with events "lost" (and
         ``silent_s``, the time since the node last answered), "joined",
-        "worker-lost", "gave-up", "straggler", "broker-down", "broker-up".
+        "worker-lost", "gave-up", "straggler", "broker-down", "broker-up",
+        "results-lost".
     late_results : int
         Results that came after their work was done or sent elsewhere
         (from a lost node, a straggler's backup): ignored.
@@ -589,7 +590,9 @@ class Session:
                 self._backed_up.add(work)
                 self._avoid[work] = {node}
                 self._pending.append(work)
-                self._event("straggler", node, waited_s=now - sent_at, backup=target)
+                self._event(
+                    "straggler", node, waited_s=now - sent_at, late_s=late, backup=target
+                )
 
     def _check_deadlines(self):
         now = time.monotonic()
