@@ -38,7 +38,7 @@ def cluster(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
-    session.run("ruff", "check", "clustersearch", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "clustersearch", "tests", "examples", "benchmarks", "noxfile.py")
 
 
 @nox.session
@@ -46,3 +46,16 @@ def example(session: nox.Session) -> None:
     """The Adult demo on the embedded local cluster."""
     _install(session)
     session.run("python", "examples/adult_grid_search.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Adult grid search: loky vs clustersearch (embedded, RabbitMQ, Redis) vs
+    joblib's dask and Ray backends; writes docs/benchmarks.md."""
+    _install(session)
+    session.install("redis>=5", "distributed", "ray[default]")
+    args = session.posargs or [
+        "--json", "benchmarks/results/latest.json", "--markdown", "docs/benchmarks.md"
+    ]
+    session.run("python", "benchmarks/bench_search.py", *args)
+    session.run("python", "benchmarks/pine64_model.py")

@@ -8,6 +8,7 @@ filesystem transport, in a private folder) unless given a broker.
 import atexit
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,10 @@ class NodeInfo:
     pid : int
         The node's main worker process.
     versions : dict
-        Python, clustersearch, scikit-learn, numpy, joblib and celery.
+        Python, clustersearch, scikit-learn, numpy, joblib, celery and
+        cloudpickle.
+    secret : str or None
+        A fingerprint of the node's secret (None: it accepts unsigned work).
     """
 
     name: str
@@ -59,6 +63,7 @@ class NodeInfo:
     cpu_count: int
     pid: int
     versions: dict = field(default_factory=dict, compare=False)
+    secret: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_reply(cls, info: dict) -> "NodeInfo":
@@ -72,6 +77,7 @@ class NodeInfo:
             cpu_count=int(info.get("cpu_count") or 0),
             pid=int(info.get("pid") or 0),
             versions=dict(info.get("versions", {})),
+            secret=info.get("secret"),
         )
 
 
@@ -136,6 +142,17 @@ class Cluster:
     reconnect_grace : float, default=10.0
         After the broker comes back, nodes get this long (seconds) to
         reconnect before their silence counts as missed heartbeats.
+    secret : str or bytes, default=None
+        Shared secret that signs work and verifies results (HMAC-SHA256);
+        None reads ``$CLUSTERSEARCH_SECRET`` (or the file named by
+        ``$CLUSTERSEARCH_SECRET_FILE``), and without either messages are not
+        signed. Nodes must hold the same one (``clustersearch worker
+        --secret-file``). See README, "Security".
+    check_versions : bool, default=True
+        Before the first fit, compare every node's Python, scikit-learn,
+        numpy, joblib, cloudpickle and clustersearch versions with this
+        client's, and refuse (VersionMismatchError) where a difference could
+        change results or break unpickling. False skips the check.
 
     See Also
     --------
@@ -165,7 +182,11 @@ class Cluster:
         no_node_timeout=30.0,
         straggler_factor=3.0,
         reconnect_grace=10.0,
+        secret=None,
+        check_versions=True,
     ):
+        from ._signing import Signer, load_secret
+
         self.broker_url = broker_url
         self.backend = backend
         self.discovery_timeout = discovery_timeout
@@ -178,6 +199,10 @@ class Cluster:
         self.no_node_timeout = no_node_timeout
         self.straggler_factor = straggler_factor
         self.reconnect_grace = reconnect_grace
+        self.check_versions = check_versions
+        # Never pickled (see __reduce__): a search sends this handle with
+        # every task.
+        self._signer = Signer(load_secret(secret))
         self._app = None
         self._app_lock = threading.Lock()
         self._checked = False
@@ -205,10 +230,18 @@ class Cluster:
             "no_node_timeout": self.no_node_timeout,
             "straggler_factor": self.straggler_factor,
             "reconnect_grace": self.reconnect_grace,
+            "check_versions": self.check_versions,
         }
 
     def __setstate__(self, state):
+        from ._signing import Signer
+
         self.__dict__.update(state)
+        # A handle unpickled on a node holds no secret.
+        self.__dict__.setdefault("_signer", Signer(None))
+        self.__dict__.setdefault("_app", None)
+        self.__dict__.setdefault("_app_lock", threading.Lock())
+        self.__dict__.setdefault("_checked", False)
 
     def __repr__(self):
         return f"{type(self).__name__}({redact(self.broker_url)!r})"
@@ -308,6 +341,7 @@ class Cluster:
         from ._scheduler import Session
 
         nodes = self.require_nodes()
+        check_nodes(nodes, self._signer, check_versions=self.check_versions)
         progress = Progress(progress_enabled(self.progress))
         session = Session(
             self.app,
@@ -322,6 +356,11 @@ class Cluster:
             no_node_timeout=self.no_node_timeout,
             straggler_factor=self.straggler_factor,
             reconnect_grace=self.reconnect_grace,
+            signer=self._signer,
+            # A node that joins mid-search passes the same checks first.
+            admit=lambda node: check_nodes(
+                [node], self._signer, check_versions=self.check_versions
+            ),
         )
         try:
             yield session
@@ -364,6 +403,58 @@ class Cluster:
             app.close()
 
 
+# What must match between the client and a node: the number of version
+# components compared (None: all of it).
+_MUST_MATCH = {
+    "python": 2,  # cloudpickle sends code by value: bytecode is per minor version
+    "clustersearch": None,
+    "scikit-learn": None,  # estimators pickle per version; results may differ
+    "numpy": 2,
+    "joblib": 2,
+    "cloudpickle": 2,
+}
+
+
+def _prefix(version, parts):
+    return tuple(str(version).split(".")[:parts] if parts else str(version).split("."))
+
+
+def check_nodes(nodes, signer, *, check_versions=True):
+    """Refuse, before any work is sent, nodes this client cannot work with:
+    another secret, or versions that could change results or break
+    unpickling."""
+    from .exceptions import SecretMismatchError, VersionMismatchError
+    from .worker import local_versions
+
+    mine = signer.fingerprint()
+    for node in nodes:
+        if node.secret != mine:
+            if mine is None:
+                why = ("it requires signed work and this client has no secret: pass "
+                       "Cluster(secret=...) or set CLUSTERSEARCH_SECRET")  # fmt: skip
+            elif node.secret is None:
+                why = ("this client signs its work but the node has no secret: start "
+                       "it with 'clustersearch worker --secret-file FILE' holding the "
+                       "same secret")  # fmt: skip
+            else:
+                why = "it holds a different secret than this client"
+            raise SecretMismatchError(f"node {node.name!r} cannot take work: {why}")
+    if not check_versions:
+        return
+    local = local_versions()
+    for node in nodes:
+        for package, parts in _MUST_MATCH.items():
+            theirs = node.versions.get(package)
+            if theirs is None or _prefix(theirs, parts) != _prefix(local[package], parts):
+                raise VersionMismatchError(
+                    f"node {node.name!r} has {package} {theirs or 'unknown'}, this client "
+                    f"{local[package]}: results could differ or fail to unpickle. "
+                    f"Install the same version on every node (pip install "
+                    f"'{package}=={local[package]}' where it is a package), or pass "
+                    "Cluster(check_versions=False) to go ahead anyway"
+                )
+
+
 class LocalCluster(Cluster):
     """Start clustersearch nodes on this machine.
 
@@ -388,6 +479,10 @@ class LocalCluster(Cluster):
         Let the nodes run as root. None allows it for the embedded transport
         only, whose folder no other user can write to.
     loglevel : str, default="WARNING"
+    cache_size : int or str, default=None
+        Bound of the nodes' data cache (``"2GB"``, ``"512MiB"``, bytes);
+        None is the worker's default, 2 GiB. The nodes of one LocalCluster
+        share one cache folder, as the nodes of one machine do by default.
     **kwargs
         Passed to :class:`Cluster`.
 
@@ -395,7 +490,9 @@ class LocalCluster(Cluster):
     ----------
     node_names : list of str
     directory : str
-        The private folder (embedded transport, node logs).
+        The private folder (embedded transport, node logs, data cache).
+    cache_dir : str
+        The nodes' data cache.
 
     Examples
     --------
@@ -414,13 +511,21 @@ class LocalCluster(Cluster):
         startup_timeout=60.0,
         allow_root=None,
         loglevel="WARNING",
+        cache_size=None,
         **kwargs,
     ):
+        from ._signing import load_secret
+
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
+        self.cache_size = cache_size
+        if kwargs.get("secret") is None and load_secret() is None:
+            # Signed by default: only this client can give these nodes work.
+            kwargs["secret"] = secrets.token_hex(32)
         self.concurrency = concurrency
         self.startup_timeout = startup_timeout
         self.loglevel = loglevel
         self.directory = tempfile.mkdtemp(prefix="clustersearch-")
+        self.cache_dir = str(Path(self.directory, "cache"))
         embedded = broker_url is None
         if embedded:
             broker_url = "filesystem://" + str(Path(self.directory, "transport"))
@@ -436,6 +541,12 @@ class LocalCluster(Cluster):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def secret(self) -> str:
+        """The secret these nodes hold: give it to other clients of theirs
+        (``Cluster(broker_url, secret=...)``)."""
+        return os.fsdecode(self._signer.secret)
 
     def __reduce__(self):
         # On a node (a search pickles itself) this is only a reference.
@@ -459,6 +570,9 @@ class LocalCluster(Cluster):
         env = dict(os.environ)
         processes = max(1, self.n_workers * self.concurrency)
         env["CLUSTERSEARCH_THREADS_PER_PROCESS"] = str(max(1, (os.cpu_count() or 1) // processes))
+        # The secret travels in the environment, never on a command line.
+        env.pop("CLUSTERSEARCH_SECRET_FILE", None)
+        env["CLUSTERSEARCH_SECRET"] = os.fsdecode(self._signer.secret)
         for name in self.node_names:
             cmd = [
                 sys.executable, "-m", "clustersearch", "worker",
@@ -466,7 +580,10 @@ class LocalCluster(Cluster):
                 "--name", name,
                 "--concurrency", str(self.concurrency),
                 "--loglevel", self.loglevel,
+                "--cache-dir", self.cache_dir,
             ]  # fmt: skip
+            if self.cache_size is not None:
+                cmd += ["--cache-size", str(self.cache_size)]
             if self.backend:
                 cmd += ["--backend", self.backend]
             if self.allow_root:

@@ -28,9 +28,11 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Future
+from uuid import uuid4
 
 from celery import states
 
+from ._blobs import BlobServer, BlobTable
 from ._progress import Progress
 from ._recovery import (
     Watcher,
@@ -40,7 +42,8 @@ from ._recovery import (
     reclaim,
     split_batch,
 )
-from ._serialization import SERIALIZER, dumps
+from ._serialization import dumps_with_blobs, loads
+from ._signing import MessageRejected, Signer
 from .exceptions import (
     BrokerUnreachableError,
     ClusterSearchError,
@@ -51,12 +54,20 @@ from .worker import TASK_NAME, RemoteFailure
 
 __all__ = ["Session"]
 
+
+def uuid():
+    return str(uuid4())
+
 logger = logging.getLogger(__name__)
 
 # How long the dispatcher waits for results before it looks for new work
 # to send. Work submitted from result callbacks is sent at once; this bounds
 # the delay of work submitted from the caller's thread.
-_TICK_S = 0.005
+_TICK_S = 0.002
+# The longest the dispatcher waits for results before it looks again, when
+# nothing has come back for a while; and its wait with nothing in flight.
+_MAX_WAIT_S = 0.05
+_IDLE_S = 0.1
 
 # A backup copy of a straggler's batch is sent only after this long: for
 # short fits a duplicate buys nothing.
@@ -67,10 +78,14 @@ _BROKER_RETRY_S = 0.5
 
 
 class _Work:
-    __slots__ = ("payload", "callback", "future", "n_calls", "node", "result", "error")
+    __slots__ = (
+        "payload", "refs", "callback", "future", "n_calls", "node", "result", "error", "task_id"
+    )  # fmt: skip
 
-    def __init__(self, payload, callback, n_calls, error=None):
+    def __init__(self, payload, callback, n_calls, error=None, refs=()):
         self.payload = payload
+        self.refs = refs
+        self.task_id = None
         self.callback = callback
         self.future = Future()
         self.n_calls = n_calls
@@ -96,11 +111,16 @@ class Session:
         Failure detection: see :class:`~clustersearch.Cluster`.
     broker : str
         The broker's URL without password, for messages.
+    signer : Signer or None
+        Signs work and verifies results (see ``_signing``).
     discover : callable, default=None
         ``discover(timeout)`` returns the nodes that answer (heartbeat and
         discovery of joining nodes); None turns failure detection off.
     max_retries, no_node_timeout, straggler_factor, reconnect_grace
         See :class:`~clustersearch.Cluster`.
+    admit : callable, default=None
+        ``admit(node)`` raises if a node that joins mid-search must not get
+        work (the pre-flight checks: secret, versions).
 
     Attributes
     ----------
@@ -109,7 +129,8 @@ class Session:
         "event": ..., "node": ..., ...}`` with events "lost" (and
         ``silent_s``, the time since the node last answered), "joined",
         "worker-lost", "gave-up", "straggler", "broker-down", "broker-up",
-        "results-lost".
+        "results-lost", "refused" (a joining node that fails the pre-flight
+        checks).
     late_results : int
         Results that came after their work was done or sent elsewhere
         (from a lost node, a straggler's backup): ignored.
@@ -125,15 +146,18 @@ class Session:
         heartbeat_interval=5.0,
         missed_heartbeats=3,
         broker="",
+        signer=None,
         discover=None,
         max_retries=2,
         no_node_timeout=30.0,
         straggler_factor=3.0,
         reconnect_grace=10.0,
+        admit=None,
     ):
         if not nodes:
             raise ValueError("a session needs at least one node")
         self.app = app
+        self.signer = signer or Signer(None)
         self.nodes = {node.name: node for node in nodes}
         self._window = {n.name: n.concurrency + queued_per_node for n in nodes}
         self._busy = Counter({n.name: 0 for n in nodes})
@@ -141,6 +165,7 @@ class Session:
         self.progress = progress or Progress(enabled=False)
         self.fits_per_node = Counter()
         self.tasks_per_node = Counter()
+        self.task_bytes_per_node = Counter()
         self.pids = set()
         self.lost_nodes = []
         self._heartbeat_interval = heartbeat_interval
@@ -152,6 +177,8 @@ class Session:
         self._no_node_timeout = no_node_timeout
         self._straggler_factor = straggler_factor
         self._reconnect_grace = reconnect_grace
+        self._admit = admit
+        self._refused = set()
         self.events = []
         self.late_results = 0
         # Per task id: the node it went to and when. A batch may have two
@@ -177,6 +204,9 @@ class Session:
         self._wake = threading.Event()
         self._closing = False
         self._failure = None
+        # Large arrays go to each node once, on request (see _blobs).
+        self.blobs = BlobTable()
+        self.blob_server = BlobServer(app, self.blobs)
         self._thread = threading.Thread(
             target=self._run, name="clustersearch-dispatch", daemon=True
         )
@@ -192,7 +222,8 @@ class Session:
         """Queue ``func`` (a joblib batch) for a node; return its future."""
         n_calls = len(func) if hasattr(func, "__len__") else 1
         try:
-            work = _Work(dumps(func), callback, n_calls)
+            payload, refs = dumps_with_blobs(func, self.blobs)
+            work = _Work(payload, callback, n_calls, refs=refs)
         except Exception as exc:
             from .exceptions import NotPicklableError
 
@@ -235,21 +266,34 @@ class Session:
         self._closing = True
         self._wake.set()
         self._thread.join()
+        self.blob_server.close()
         self.progress.close()
+
+    @property
+    def data_bytes_per_node(self):
+        """Bytes of data (blobs) sent to each node."""
+        return self.blob_server.bytes_per_node
 
     # -- the dispatcher thread --------------------------------------------
 
     def _run(self):
         backend = self.app.backend
+        wait = _TICK_S
         try:
             with self.app.producer_or_acquire() as producer:
                 while not self._closing:
                     self._send_ready(producer)
                     if self._inflight:
-                        self._collect(backend)
+                        self._collect(backend, wait)
                     else:
-                        self._wake.wait(_TICK_S)
+                        # submit() sets the event: no need to poll.
+                        self._wake.wait(_IDLE_S)
                         self._wake.clear()
+                    # Back off while nothing comes back (fits take a while),
+                    # so that the client does not take CPU from the nodes
+                    # that share its machine; answer fast again as soon as
+                    # results flow.
+                    wait = _TICK_S if self._finished else min(2 * wait, _MAX_WAIT_S)
                     self._finish_ready()
                     self._check_nodes()
                     self._back_up_stragglers()
@@ -287,12 +331,24 @@ class Session:
                     return
                 work = self._pending.popleft()
             work.node = node
+            # A new id per sending: a result for an earlier sending of the
+            # same work (rerouted from a lost node) matches nothing.
+            work.task_id = uuid()
+            source = self.blob_server.queue_name
+            refs = [list(ref) for ref in work.refs]
             try:
                 result = self.app.send_task(
                     TASK_NAME,
                     args=(work.payload,),
+                    kwargs={
+                        "source": source,
+                        "blobs": refs,
+                        "auth": self.signer.sign("task", work.task_id, work.payload,
+                                                 [source, refs]),
+                    },  # fmt: skip
+                    task_id=work.task_id,
                     queue=self.nodes[node].queue,
-                    serializer=SERIALIZER,
+                    serializer="json",
                     producer=producer,
                 )
             except Exception as exc:
@@ -311,6 +367,7 @@ class Session:
             with self._lock:
                 self._busy[node] += 1
                 self._inflight[result.id] = (work, result)
+                self.task_bytes_per_node[node] += len(work.payload)
             if backend_is_async(self.app.backend):
                 result.then(self._on_ready)
             self._sent(work, node, result.id)
@@ -338,10 +395,10 @@ class Session:
                 best, best_room = name, room
         return best
 
-    def _collect(self, backend):
+    def _collect(self, backend, wait):
         if backend_is_async(backend):
             try:
-                backend.result_consumer.drain_events(timeout=_TICK_S)
+                backend.result_consumer.drain_events(timeout=wait)
             except TimeoutError:
                 pass
             except Exception as exc:
@@ -358,8 +415,8 @@ class Session:
             if meta["status"] in states.READY_STATES:
                 result._maybe_set_cache(meta)
                 self._on_ready(result)
-        if self._inflight:
-            self._wake.wait(_TICK_S)
+        if self._inflight and not self._finished:
+            self._wake.wait(wait)
             self._wake.clear()
 
     def _on_ready(self, result):
@@ -383,6 +440,8 @@ class Session:
                 self._durations.append(time.monotonic() - sent_at)
         if revoke:
             self._revoke(revoke, terminate=True)
+        # The copy that won: its result is verified against its own task id.
+        work.task_id, work.node = result.id, node
         if result.state == states.SUCCESS:
             work.result = result.result
         else:
@@ -399,7 +458,11 @@ class Session:
                 logger.error("a batch finished twice; ignored the second time")
                 continue
             if work.error is None:
-                value = work.result
+                try:
+                    value = self._open_result(work)
+                except MessageRejected as exc:
+                    work.error = exc
+            if work.error is None:
                 output = value["output"]
                 if value.get("stdout"):
                     sys.stdout.write(value["stdout"])
@@ -426,6 +489,24 @@ class Session:
                     work.callback(work.future)
                 except Exception:  # pragma: no cover - joblib's own bug
                     logger.exception("joblib callback failed")
+
+    def _open_result(self, work):
+        """Verify (with a secret) and unpickle what a node sent back."""
+        envelope = work.result
+        if isinstance(envelope, dict) and envelope.get("local"):
+            # Made here: a lost fit's error_score result, or a batch that was
+            # retried call by call, its calls' results put together.
+            return envelope
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
+            raise MessageRejected(
+                f"node {work.node!r} sent back something that is not a clustersearch "
+                f"result ({type(envelope).__name__}): is it running the same version?"
+            )
+        try:
+            self.signer.verify("result", work.task_id, envelope["payload"], envelope.get("auth"))
+        except MessageRejected as exc:
+            raise MessageRejected(f"result of node {work.node!r} refused: {exc}") from None
+        return loads(envelope["payload"])
 
     # -- failures -----------------------------------------------------------
 
@@ -463,6 +544,16 @@ class Session:
                     self._add_node(info)
 
     def _add_node(self, info):
+        if self._admit is not None:
+            try:
+                self._admit(info)
+            except Exception as exc:
+                if info.name not in self._refused:
+                    self._refused.add(info.name)
+                    logger.warning("node %r answered but gets no work: %s", info.name, exc)
+                    self._event("refused", info.name, why=str(exc))
+                return
+        self._refused.discard(info.name)
         with self._lock:
             name = info.name
             self.nodes[name] = info
@@ -542,7 +633,7 @@ class Session:
         except BaseException as exc:
             work.error = exc
         else:
-            work.result = {"output": outputs, "node": None, "gave_up": True}
+            work.result = {"output": outputs, "node": None, "gave_up": True, "local": True}
         self._finished.append(work)
 
     def _has_copy(self, work):
@@ -717,7 +808,7 @@ class _Whole:
             if self.error is not None:
                 work.error = self.error
             else:
-                work.result = {"output": self.outputs, "node": None}
+                work.result = {"output": self.outputs, "node": None, "local": True}
             self.session._finished.append(work)
 
 

@@ -75,6 +75,11 @@ class _ClusterSearchMixin:
             with parallel_config(backend=ClusterBackend(session, first_only=True)):
                 super().fit(X, y, **params)
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
+        nodes = sorted(set(session.tasks_per_node) | set(session.data_bytes_per_node))
+        self.data_bytes_per_node_ = {n: session.data_bytes_per_node[n] for n in nodes}
+        self.message_bytes_per_node_ = {n: session.task_bytes_per_node[n] for n in nodes}
+        if self.verbose > 0:
+            print(_traffic_summary(session))
         return self
 
     def _run_search(self, evaluate_candidates, *, callback_ctx=None):
@@ -87,6 +92,23 @@ class _ClusterSearchMixin:
             return evaluate_candidates(candidate_params, *args, **kwargs)
 
         return super()._run_search(counted, callback_ctx=callback_ctx)
+
+
+def _megabytes(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+def _traffic_summary(session):
+    """One line on what a search sent, for verbose output."""
+    data = session.data_bytes_per_node
+    tasks = sum(session.tasks_per_node.values())
+    message_bytes = sum(session.task_bytes_per_node.values())
+    per_node = ", ".join(f"{n} {_megabytes(b)}" for n, b in sorted(data.items()) if b)
+    return (
+        f"[clustersearch] data sent: {_megabytes(sum(data.values()))}"
+        + (f" ({per_node})" if per_node else " (the nodes had it cached)")
+        + f"; {tasks} task messages, {message_bytes / max(tasks, 1) / 1e3:.1f} kB each"
+    )
 
 
 def _check_picklable(search, fit_params):
@@ -157,6 +179,12 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         As in :class:`sklearn.model_selection.GridSearchCV`.
     fits_per_node_ : dict of str -> int
         How many fits each node ran.
+    data_bytes_per_node_ : dict of str -> int
+        Bytes of data (X, y, fit params, split indices) sent to each node by
+        this search; 0 where the node's cache already held them.
+    message_bytes_per_node_ : dict of str -> int
+        Bytes of task messages (estimators, parameters, references to the
+        data) sent to each node.
 
     See Also
     --------
@@ -226,6 +254,12 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran; the others as in scikit-learn.
+    data_bytes_per_node_ : dict of str -> int
+        Bytes of data (X, y, fit params, split indices) sent to each node by
+        this search; 0 where the node's cache already held them.
+    message_bytes_per_node_ : dict of str -> int
+        Bytes of task messages (estimators, parameters, references to the
+        data) sent to each node.
 
     See Also
     --------
@@ -289,6 +323,12 @@ random_state, n_jobs, verbose
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran, all rounds together.
+    data_bytes_per_node_ : dict of str -> int
+        Bytes of data (X, y, fit params, split indices) sent to each node by
+        this search; 0 where the node's cache already held them.
+    message_bytes_per_node_ : dict of str -> int
+        Bytes of task messages (estimators, parameters, references to the
+        data) sent to each node.
 
     See Also
     --------
@@ -357,6 +397,12 @@ error_score, return_train_score, random_state, n_jobs, verbose
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran, all rounds together.
+    data_bytes_per_node_ : dict of str -> int
+        Bytes of data (X, y, fit params, split indices) sent to each node by
+        this search; 0 where the node's cache already held them.
+    message_bytes_per_node_ : dict of str -> int
+        Bytes of task messages (estimators, parameters, references to the
+        data) sent to each node.
 
     See Also
     --------

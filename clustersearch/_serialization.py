@@ -1,10 +1,10 @@
-"""How work and results travel: one kombu serializer, registered by name.
+"""How work and results are pickled.
 
-Task messages and results are pickled with cloudpickle, which sends classes
-and functions defined in ``__main__`` or a notebook by value (plain pickle
-sends only their name, which the nodes cannot import). The Celery envelope
-and the remote-control channel (ping, inspect) stay JSON: only clustersearch's
-own tasks use this content type, per message.
+Batches and results are pickled with cloudpickle, which sends classes and
+functions defined in ``__main__`` or a notebook by value (plain pickle sends
+only their name, which the nodes cannot import). The pickles travel as bytes
+inside JSON messages: Celery never unpickles anything; clustersearch does,
+after verifying the signature when a secret is set (``_signing``).
 """
 
 import io
@@ -15,12 +15,9 @@ import sys
 import sysconfig
 
 import cloudpickle
-from kombu.serialization import register
 
-__all__ = ["CONTENT_TYPE", "SERIALIZER", "dumps", "loads"]
+__all__ = ["dumps", "dumps_with_blobs", "loads"]
 
-SERIALIZER = "clustersearch"
-CONTENT_TYPE = "application/x-clustersearch-pickle"
 
 
 def _installed_roots():
@@ -66,6 +63,21 @@ def _send_user_modules_by_value():
             pass
 
 
+class _Pickler(cloudpickle.CloudPickler):
+    """cloudpickle, with large arrays replaced by references to blobs."""
+
+    def __init__(self, file, table):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.table = table
+        self.refs = {}
+
+    def persistent_id(self, obj):
+        ref = self.table.persistent_id(obj)
+        if ref is not None:
+            self.refs[ref[1]] = ref[2]
+        return ref
+
+
 def dumps(obj) -> bytes:
     """Serialize ``obj`` for a node (protocol 5, by value for user code)."""
     _send_user_modules_by_value()
@@ -74,15 +86,18 @@ def dumps(obj) -> bytes:
     return buffer.getvalue()
 
 
+def dumps_with_blobs(obj, table) -> tuple[bytes, list]:
+    """Serialize ``obj`` with its large arrays left in ``table``.
+
+    Returns the payload and the ``(digest, kind)`` pairs it references.
+    """
+    _send_user_modules_by_value()
+    buffer = io.BytesIO()
+    pickler = _Pickler(buffer, table)
+    pickler.dump(obj)
+    return buffer.getvalue(), sorted(pickler.refs.items())
+
+
 def loads(data: bytes):
     """Inverse of :func:`dumps`."""
     return pickle.loads(data)
-
-
-register(
-    SERIALIZER,
-    dumps,
-    loads,
-    content_type=CONTENT_TYPE,
-    content_encoding="binary",
-)

@@ -11,15 +11,17 @@ it into place (atomic on POSIX) closes both races.
 
 import os
 import uuid
+import weakref
 from time import monotonic
 
 from celery.backends.filesystem import FilesystemBackend as _CeleryFilesystemBackend
+from celery.backends.rpc import RPCBackend as _CeleryRPCBackend
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
-__all__ = ["FILE_BACKEND", "FilesystemBackend", "Transport"]
+__all__ = ["FILE_BACKEND", "RPC_BACKEND", "FilesystemBackend", "RPCBackend", "Transport"]
 
 TRANSPORT = "clustersearch._transport:Transport"
 # Celery's ``backend+url`` form: this class, on a file:// URL.
@@ -59,3 +61,27 @@ class Transport(filesystem.Transport):
 class FilesystemBackend(_CeleryFilesystemBackend):
     def set(self, key, value):
         _write_atomically(self._filename(key), str_to_bytes(value))
+
+
+# Celery's ``backend+url`` form for rpc:// URLs.
+RPC_BACKEND = "clustersearch._transport:RPCBackend+"
+
+
+class RPCBackend(_CeleryRPCBackend):
+    """Celery's rpc:// backend, declaring its reply queue once per channel.
+
+    Upstream declares the client's reply queue before every task it sends
+    (the queue is auto-delete, so kombu does not cache the declaration): a
+    synchronous round trip to RabbitMQ per task. The queue lives as long as
+    the client consumes from it, which it does while it has work out; a new
+    channel (after a reconnect) declares it again.
+    """
+
+    _declared_on = None
+
+    def on_task_call(self, producer, task_id):
+        channel = producer.channel
+        if self._declared_on is not None and self._declared_on() is channel:
+            return
+        super().on_task_call(producer, task_id)
+        self._declared_on = weakref.ref(channel)

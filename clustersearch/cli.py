@@ -31,6 +31,16 @@ def _parser():
     worker.add_argument("--concurrency", type=int, default=None,
                         help="worker processes, one fit each (default: CPU cores)")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--cache-dir", default=os.environ.get("CLUSTERSEARCH_CACHE_DIR"),
+                        help="folder of the node's data cache, shared by its processes "
+                        "(default: $CLUSTERSEARCH_CACHE_DIR or ~/.cache/clustersearch/blobs)")
+    worker.add_argument("--cache-size", default=os.environ.get("CLUSTERSEARCH_CACHE_BYTES"),
+                        help="bound of the data cache, least recently used out "
+                        "(e.g. 2GB, 512MiB; default 2GiB)")
+    worker.add_argument("--secret-file", default=None,
+                        help="file holding the secret shared with the clients "
+                        "(default: $CLUSTERSEARCH_SECRET or $CLUSTERSEARCH_SECRET_FILE); "
+                        "with it, the node runs only work signed with that secret")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
 
@@ -42,6 +52,63 @@ def _parser():
     return parser
 
 
+_LOOPBACK = ("localhost", "::1")
+
+
+def _is_loopback(url):
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme in ("filesystem", "memory"):
+        return True
+    host = parsed.hostname or "localhost"
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+def _check_security(args):
+    """Load the secret; refuse or warn where the broker is open to others."""
+    from urllib.parse import urlparse
+
+    from ._signing import load_secret
+
+    if args.secret_file:
+        path = os.path.abspath(args.secret_file)
+        try:
+            secret = load_secret(secret_file=path)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"clustersearch worker: --secret-file {path}: {exc}")
+        # The pool's processes read it from there (see worker.node_signer).
+        os.environ.pop("CLUSTERSEARCH_SECRET", None)
+        os.environ["CLUSTERSEARCH_SECRET_FILE"] = path
+    else:
+        try:
+            secret = load_secret()
+        except (OSError, ValueError) as exc:
+            sys.exit(f"clustersearch worker: {exc}")
+    if _is_loopback(args.broker):
+        return secret
+    parsed = urlparse(args.broker)
+    if parsed.scheme.startswith("amqp") and (parsed.username or "guest") == "guest":
+        sys.exit(
+            "clustersearch worker: refusing RabbitMQ's default 'guest' account on a "
+            f"broker that is not on this machine ({parsed.hostname}). Create a user "
+            "and a vhost for clustersearch (README, 'A real cluster') and put them "
+            "in the URL."
+        )
+    if secret is None:
+        bar = "!" * 78
+        print(
+            f"{bar}\n"
+            "clustersearch worker: NO SECRET. Work arrives as pickles: anyone who can\n"
+            f"publish to {parsed.hostname} can run code on this node as this user.\n"
+            "Give every node and client the same secret: --secret-file FILE here,\n"
+            "Cluster(secret=...) or CLUSTERSEARCH_SECRET in the client (README, Security).\n"
+            f"{bar}",
+            file=sys.stderr,
+        )
+    return secret
+
+
 def _run_worker(args):
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         if not (args.allow_root or os.environ.get("C_FORCE_ROOT")):
@@ -51,9 +118,24 @@ def _run_worker(args):
                 "user: start the node as an unprivileged user, or pass "
                 "--allow-root (or set C_FORCE_ROOT=1) if you accept that."
             )
+    _check_security(args)
     concurrency = args.concurrency if args.concurrency is not None else os.cpu_count() or 1
     if concurrency < 1:
         sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
+    from ._blobs import DEFAULT_CACHE_BYTES, default_cache_dir, parse_size
+
+    try:
+        cache_bytes = parse_size(args.cache_size) if args.cache_size else DEFAULT_CACHE_BYTES
+    except ValueError as exc:
+        sys.exit(f"clustersearch worker: --cache-size: {exc}")
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        sys.exit(f"clustersearch worker: cannot use --cache-dir {cache_dir}: {exc}")
+    # The pool's processes read these (see worker.node_cache).
+    os.environ["CLUSTERSEARCH_CACHE_DIR"] = cache_dir
+    os.environ["CLUSTERSEARCH_CACHE_BYTES"] = str(cache_bytes)
     threads = str(max(1, (os.cpu_count() or 1) // concurrency))
     os.environ.setdefault("CLUSTERSEARCH_THREADS_PER_PROCESS", threads)
     for var in _THREAD_VARS:

@@ -13,6 +13,8 @@ __all__ = [
     "NodeStartupError",
     "NotPicklableError",
     "RemoteTraceback",
+    "SecretMismatchError",
+    "VersionMismatchError",
 ]
 
 
@@ -58,3 +60,11 @@ class RemoteTraceback(ClusterSearchError):
 
     def __str__(self):
         return "\n" + super().__str__()
+
+
+class VersionMismatchError(ClusterSearchError, RuntimeError):
+    """A node runs versions that could change results or break unpickling."""
+
+
+class SecretMismatchError(ClusterSearchError, PermissionError):
+    """A node and the client do not hold the same secret (or one has none)."""

@@ -13,6 +13,7 @@ Nodes import only this module and what it needs (no estimator code of ours).
 """
 
 import io
+import logging
 import os
 import platform
 import socket
@@ -27,10 +28,13 @@ from celery import Celery
 from celery.worker.control import inspect_command
 
 from . import __version__
-from ._serialization import CONTENT_TYPE, SERIALIZER, loads
-from ._transport import FILE_BACKEND, TRANSPORT
+from ._serialization import dumps, loads
+from ._signing import DEFAULT_MAX_AGE_S, MessageRejected, Signer, load_secret
+from ._transport import FILE_BACKEND, RPC_BACKEND, TRANSPORT
 
 __all__ = ["QUEUE_PREFIX", "TASK_NAME", "app_config", "create_app", "queue_for"]
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "clustersearch.run_batch"
 QUEUE_PREFIX = "clustersearch."
@@ -70,17 +74,19 @@ def _filesystem_root(broker_url: str) -> Path:
 def app_config(broker_url: str, backend_url: str | None = None) -> dict:
     """Celery settings shared by the client and the nodes.
 
-    Task envelopes and remote control stay JSON; clustersearch's own tasks
-    and results use its pickle-based content type, set per message.
+    Celery decodes JSON only, never a pickle: task envelopes, results and
+    remote control. clustersearch's payloads travel as bytes inside the JSON
+    and are unpickled by clustersearch itself, after verification when a
+    secret is set (see ``_signing``).
     """
     backend_url = backend_url or default_backend(broker_url)
     conf = dict(
         broker_url=broker_url,
         result_backend=backend_url,
         task_serializer="json",
-        result_serializer=SERIALIZER,
-        accept_content=["json", CONTENT_TYPE],
-        result_accept_content=["json", CONTENT_TYPE],
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
         # A fit is acknowledged when it starts, so that no broker timeout
         # (RabbitMQ's consumer_timeout, 30 min; Redis's visibility_timeout,
         # 1 h) ever redelivers a fit that is still running. The client, not
@@ -121,6 +127,8 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
     if urlparse(backend_url).scheme == "file":
         Path(unquote(urlparse(backend_url).path)).mkdir(parents=True, exist_ok=True)
         conf["result_backend"] = FILE_BACKEND + backend_url
+    elif urlparse(backend_url).scheme == "rpc":
+        conf["result_backend"] = RPC_BACKEND + backend_url
     return conf
 
 
@@ -182,21 +190,96 @@ def node_name(hostname: str | None) -> str:
     return (hostname or socket.gethostname()).split("@", 1)[0]
 
 
-def run_batch(task, payload: bytes):
+_node_cache = None
+_node_signer = None
+
+# A task message carries references to the data, not the data: anything
+# bigger is not ours (and is refused before it is looked at).
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+
+def _max_payload():
+    from ._blobs import parse_size
+
+    return parse_size(os.environ.get("CLUSTERSEARCH_MAX_PAYLOAD") or MAX_PAYLOAD_BYTES)
+
+
+def node_cache():
+    """This process's view of the node's blob cache (see ``_blobs``)."""
+    global _node_cache
+    if _node_cache is None:
+        from ._blobs import NodeCache
+
+        _node_cache = NodeCache.from_environ()
+    return _node_cache
+
+
+def node_signer() -> Signer:
+    """The node's signer, from ``$CLUSTERSEARCH_SECRET`` (the CLI sets it)."""
+    global _node_signer
+    if _node_signer is None:
+        max_age = float(os.environ.get("CLUSTERSEARCH_MAX_AGE_S", DEFAULT_MAX_AGE_S))
+        _node_signer = Signer(load_secret(), max_age=max_age)
+    return _node_signer
+
+
+def _reject(task_id, node, why):
+    logger.error("node %s rejected task %s, nothing in it was run: %s", node, task_id, why)
+    raise MessageRejected(f"node {node!r} rejected the task: {why}")
+
+
+def _seen_marker(task_id):
+    folder = node_cache().directory / ".seen"
+    folder.mkdir(exist_ok=True)
+    if not task_id or "/" in task_id or task_id.startswith("."):
+        return None
+    return folder / task_id
+
+
+def run_batch(task, payload, source=None, blobs=(), auth=None):
     """Run one joblib batch of calls; return its results and where it ran.
 
-    The payload is unpickled here, not by Celery, so that a payload which
-    cannot be loaded on this node (a missing module, a version mismatch)
-    comes back to the client as an error instead of a dropped message.
+    ``payload`` is the pickled batch. It is verified (with a secret) and
+    unpickled here, not by Celery: a payload that fails verification is
+    refused unread, and one that cannot be loaded on this node (a missing
+    module, a version mismatch) comes back to the client as an error instead
+    of a dropped message. ``blobs`` lists the ``(digest, kind)`` of the
+    arrays the payload refers to; those the node lacks are fetched from the
+    client's queue ``source`` first.
+
+    Returns ``{"payload": pickled result, "auth": signature}``.
     """
     node = node_name(task.request.hostname)
+    task_id = task.request.id or ""
+    signer = node_signer()
+    if not isinstance(payload, bytes):
+        _reject(task_id, node, f"the payload is {type(payload).__name__}, not bytes")
+    if len(payload) > _max_payload():
+        _reject(task_id, node, f"a {len(payload)}-byte payload is over the "
+                f"{_max_payload()}-byte limit ($CLUSTERSEARCH_MAX_PAYLOAD)")  # fmt: skip
+    try:
+        refs = [(str(d), str(k)) for d, k in blobs]
+    except (TypeError, ValueError):
+        _reject(task_id, node, "malformed list of data references")
+    context = [source, [list(r) for r in refs]]
+    try:
+        signer.verify("task", task_id, payload, auth, context)
+    except MessageRejected as exc:
+        _reject(task_id, node, str(exc))
+    marker = _seen_marker(task_id) if signer.enabled else None
+    if marker is not None and marker.exists():
+        _reject(task_id, node, "this task id already ran here (a replayed message)")
+
     started = time.time()
     printed = io.StringIO()
+    fetched = 0
     try:
         from joblib import parallel_config
 
         _cap_threads()
-        batch = loads(payload)
+        cache = node_cache()
+        fetched = cache.ensure(refs, source, task.app.connection_for_write, node)
+        batch = cache.loads(payload)
         # One fit per process: joblib calls made inside a fit run
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
@@ -207,22 +290,45 @@ def run_batch(task, payload: bytes):
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         output = RemoteFailure(exc, node)
-    return {
+    result = {
         "output": output,
         "stdout": printed.getvalue(),
         "node": node,
         "pid": os.getpid(),
+        "fetched": fetched,
         "started": started,
         "finished": time.time(),
+    }
+    try:
+        data = dumps(result)
+    except Exception as exc:
+        result["output"] = RemoteFailure(exc, node)
+        data = dumps(result)
+    if marker is not None:
+        marker.touch()
+    return {"payload": data, "auth": signer.sign("result", task_id, data)}
+
+
+def local_versions() -> dict:
+    """The versions that must agree between a client and its nodes."""
+    import cloudpickle
+    import joblib
+    import numpy
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "clustersearch": __version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": numpy.__version__,
+        "joblib": joblib.__version__,
+        "celery": sys.modules["celery"].__version__,
+        "cloudpickle": cloudpickle.__version__,
     }
 
 
 def node_info(hostname: str | None, queues: list[str], concurrency: int) -> dict:
     """What a node says about itself when the client looks for nodes."""
-    import joblib
-    import numpy
-    import sklearn
-
     return {
         "node": node_name(hostname),
         "hostname": hostname,
@@ -231,14 +337,9 @@ def node_info(hostname: str | None, queues: list[str], concurrency: int) -> dict
         "concurrency": concurrency,
         "cpu_count": os.cpu_count(),
         "pid": os.getpid(),
-        "versions": {
-            "python": platform.python_version(),
-            "clustersearch": __version__,
-            "scikit-learn": sklearn.__version__,
-            "numpy": numpy.__version__,
-            "joblib": joblib.__version__,
-            "celery": sys.modules["celery"].__version__,
-        },
+        "versions": local_versions(),
+        # Which secret the node holds (None: it accepts unsigned work).
+        "secret": node_signer().fingerprint(),
     }
 
 

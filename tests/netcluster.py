@@ -173,6 +173,11 @@ class NetCluster:
         self.user = f"cs-{self.token}"
         self.vhost = f"cs-{self.token}"
         self.password = secrets.token_hex(16)  # never starts with "-"
+        # Work and results are signed, as README tells users to off loopback.
+        self.secret = secrets.token_hex(32)
+        self.secret_file = self.workdir / "secret"
+        self.secret_file.write_text(self.secret)
+        self.secret_file.chmod(0o600)
         self.procs = {}
         self.cgroups = {}
         self.dirty = set()  # hosts whose node a fault touched
@@ -304,7 +309,7 @@ class NetCluster:
 
     def cluster(self, **kwargs):
         """A client's handle on this cluster (from the host, like a laptop)."""
-        return Cluster(self.broker_url(), self.backend_url(), **kwargs)
+        return Cluster(self.broker_url(), self.backend_url(), secret=self.secret, **kwargs)
 
     # -- nodes --------------------------------------------------------------------
 
@@ -316,6 +321,7 @@ class NetCluster:
             "--backend", self.backend_url(host_side=False),
             "--name", host, "--concurrency", "1",
             "--loglevel", "WARNING", "--allow-root",
+            "--secret-file", str(self.secret_file),
         ]  # fmt: skip
         env = dict(os.environ)
         env["CLUSTERSEARCH_THREADS_PER_PROCESS"] = "1"

@@ -106,7 +106,10 @@ def test_refit_runs_in_the_client(embedded_cluster):
 
 def test_progress_bar_counts_fits(embedded_cluster, capsys):
     cluster = Cluster(
-        embedded_cluster.broker_url, embedded_cluster.backend, progress=True
+        embedded_cluster.broker_url,
+        embedded_cluster.backend,
+        progress=True,
+        secret=embedded_cluster.secret,
     )
     cluster.nodes = embedded_cluster.nodes  # same nodes, progress on
     ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
@@ -254,6 +257,7 @@ def test_cli_worker_refuses_root_without_allow_root(tmp_path):
 
 def test_default_cluster_from_environment(embedded_cluster, monkeypatch):
     monkeypatch.setenv("CLUSTERSEARCH_BROKER_URL", embedded_cluster.broker_url)
+    monkeypatch.setenv("CLUSTERSEARCH_SECRET", embedded_cluster.secret)
     search = ClusterGridSearchCV(SVC(), GRID, cv=3).fit(X, y)
     assert set(search.fits_per_node_) <= set(embedded_cluster.node_names)
 
