@@ -7,6 +7,7 @@ filesystem transport, in a private folder) unless given a broker.
 
 import atexit
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -306,12 +307,23 @@ class Cluster:
         if not self._checked:
             self.check_connection()
             self._checked = True
-        replies = self.app.control.broadcast(
+        ask = functools.partial(
+            self.app.control.broadcast,
             INFO_COMMAND,
             reply=True,
             timeout=self.discovery_timeout if timeout is None else timeout,
             **self._broadcast_scope(),
         )
+        try:
+            replies = ask()
+        except Exception as exc:
+            from ._recovery import is_connection_error
+
+            if not is_connection_error(exc):
+                raise
+            # A pooled connection that died with the broker (a restart since
+            # the last search) fails once; the pool reconnects on next use.
+            replies = ask()
         found = {}
         for reply in replies or ():
             for info in reply.values():

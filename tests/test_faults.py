@@ -23,7 +23,7 @@ from netcluster import REPORT, NetCluster, why_unavailable
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
-from clustersearch import ClusterGridSearchCV
+from clustersearch import Cluster, ClusterGridSearchCV
 
 pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.slow]
 
@@ -270,6 +270,13 @@ def test_link_cut_longer_than_detection_then_restored(healthy, fault_free):
 
 def test_broker_restart(healthy, fault_free):
     net = healthy
+    # A handle that sits idle through the restart: its next search must
+    # not trip on a pooled connection that died with the broker. (Through
+    # the forwarder, so that its connection pool is its own.)
+    idle = Cluster(
+        net.broker_url(host_side=False), net.backend_url(host_side=False), secret=net.secret
+    )
+    assert len(idle.nodes()) == 3
 
     def fault(run):
         run.at(1.5)
@@ -293,6 +300,8 @@ def test_broker_restart(healthy, fault_free):
     # Celery's nodes retry the broker after 2, 4, 6... s: up to 6 s of
     # reconnection after an outage of a few seconds, then the rerun.
     assert extra < outage + 6.0 + 2 * FIT_S + SLACK_S
+    with idle:
+        assert len(idle.nodes()) == 3
 
 
 def test_a_node_joins_mid_search(healthy, fault_free):
