@@ -291,6 +291,8 @@ class NetCluster:
         )  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             self._state.unlink()
+        with contextlib.suppress(OSError):
+            STATE_DIR.rmdir()  # only when no other run's state is left
         if errors:
             raise RuntimeError("test cluster teardown: " + "; ".join(errors))
 
