@@ -22,6 +22,19 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def cluster(session: nox.Session) -> None:
+    """The fault tests on a test cluster of real hosts (tests/netcluster.py).
+
+    Three nodes, each in a network namespace of its own, reach RabbitMQ and
+    Redis over a bridge; each test injects one fault while a search runs.
+    Needs root, iproute2 and rabbitmqctl, and RabbitMQ and Redis on
+    127.0.0.1 (as ``tests``). ``nox -s tests`` runs these too.
+    """
+    _install(session, "test")
+    session.run("python", "-m", "pytest", "-m", "cluster", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))

@@ -7,6 +7,7 @@ filesystem transport, in a private folder) unless given a broker.
 
 import atexit
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -113,11 +114,35 @@ class Cluster:
         Show a progress bar during fits; None shows it on a terminal or in a
         notebook.
     heartbeat_interval : float, default=5.0
-        While a node holds work, the client pings it this often (seconds).
+        During a search the client asks every node for its info this often
+        (seconds). The same broadcast finds nodes that join mid-search: they
+        get work at once.
     missed_heartbeats : int, default=3
-        Consecutive unanswered pings after which a node counts as gone: its
-        unfinished work is sent to the other nodes, and its late results are
-        ignored. With no node left the search fails with NoWorkersError.
+        Consecutive unanswered heartbeats after which a node counts as lost:
+        its unfinished work is sent to the other nodes, its stale copies are
+        revoked and taken out of its queue, and its late results are ignored.
+        A lost node that answers again rejoins. Detection takes
+        ``missed_heartbeats - 1`` to ``missed_heartbeats`` intervals, plus
+        the wait for replies (the interval, at most one second).
+    max_retries : int, default=2
+        A batch of fits whose worker process or node died is sent again (call
+        by call, preferably to other nodes) at most this many times. A fit
+        lost ``max_retries + 1`` times (one that runs out of memory on every
+        node) ends as scikit-learn's ``error_score`` entry, its reason a
+        :class:`~clustersearch.exceptions.NodeFailureError` naming each node
+        and what happened there (``error_score="raise"`` raises it).
+    no_node_timeout : float, default=30.0
+        With every node lost, or the broker unreachable, for this long
+        (seconds) the search fails with NoWorkersError (or
+        BrokerUnreachableError) instead of waiting.
+    straggler_factor : float or None, default=3.0
+        When no batch waits to be sent and a node is idle, a batch in flight
+        for more than ``straggler_factor`` times the median batch time (and
+        at least a second) is sent to the idle node as well; the first result
+        wins and the other copy is revoked. None turns this off.
+    reconnect_grace : float, default=10.0
+        After the broker comes back, nodes get this long (seconds) to
+        reconnect before their silence counts as missed heartbeats.
     secret : str or bytes, default=None
         Shared secret that signs work and verifies results (HMAC-SHA256);
         None reads ``$CLUSTERSEARCH_SECRET`` (or the file named by
@@ -154,6 +179,10 @@ class Cluster:
         progress=None,
         heartbeat_interval=5.0,
         missed_heartbeats=3,
+        max_retries=2,
+        no_node_timeout=30.0,
+        straggler_factor=3.0,
+        reconnect_grace=10.0,
         secret=None,
         check_versions=True,
     ):
@@ -167,6 +196,10 @@ class Cluster:
         self.progress = progress
         self.heartbeat_interval = heartbeat_interval
         self.missed_heartbeats = missed_heartbeats
+        self.max_retries = max_retries
+        self.no_node_timeout = no_node_timeout
+        self.straggler_factor = straggler_factor
+        self.reconnect_grace = reconnect_grace
         self.check_versions = check_versions
         # Never pickled (see __reduce__): a search sends this handle with
         # every task.
@@ -194,6 +227,10 @@ class Cluster:
             "progress": self.progress,
             "heartbeat_interval": self.heartbeat_interval,
             "missed_heartbeats": self.missed_heartbeats,
+            "max_retries": self.max_retries,
+            "no_node_timeout": self.no_node_timeout,
+            "straggler_factor": self.straggler_factor,
+            "reconnect_grace": self.reconnect_grace,
             "check_versions": self.check_versions,
         }
 
@@ -270,12 +307,23 @@ class Cluster:
         if not self._checked:
             self.check_connection()
             self._checked = True
-        replies = self.app.control.broadcast(
+        ask = functools.partial(
+            self.app.control.broadcast,
             INFO_COMMAND,
             reply=True,
             timeout=self.discovery_timeout if timeout is None else timeout,
             **self._broadcast_scope(),
         )
+        try:
+            replies = ask()
+        except Exception as exc:
+            from ._recovery import is_connection_error
+
+            if not is_connection_error(exc):
+                raise
+            # A pooled connection that died with the broker (a restart since
+            # the last search) fails once; the pool reconnects on next use.
+            replies = ask()
         found = {}
         for reply in replies or ():
             for info in reply.values():
@@ -315,7 +363,16 @@ class Cluster:
             heartbeat_interval=self.heartbeat_interval,
             missed_heartbeats=self.missed_heartbeats,
             broker=redact(self.broker_url),
+            discover=lambda timeout: self.nodes(timeout=timeout),
+            max_retries=self.max_retries,
+            no_node_timeout=self.no_node_timeout,
+            straggler_factor=self.straggler_factor,
+            reconnect_grace=self.reconnect_grace,
             signer=self._signer,
+            # A node that joins mid-search passes the same checks first.
+            admit=lambda node: check_nodes(
+                [node], self._signer, check_versions=self.check_versions
+            ),
         )
         try:
             yield session

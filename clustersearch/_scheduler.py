@@ -8,13 +8,25 @@ calls ``submit`` both from the caller's thread and from result callbacks.
 Each node gets at most ``concurrency + queued_per_node`` batches at a time
 and more as its results come back, so a slow node gets less work and a fast
 one more; nothing waits in a slow node's queue while a fast node idles.
+
+Failures (see ``_recovery``): a heartbeat thread asks every node for its info
+every ``heartbeat_interval``; a node that misses ``missed_heartbeats`` in a row
+is lost: its unfinished work goes to the other nodes, its stale copies are
+revoked and taken out of its queue, and whatever it sends later is ignored
+(results are matched on task ids). A node that answers for the first time (or
+again) joins. A batch whose worker process died is sent again, call by call,
+at most ``max_retries`` times. When no batch waits, a batch in flight for
+``straggler_factor`` times the usual time is also sent to an idle node; the
+first result wins. With no node, or no broker, for ``no_node_timeout``
+seconds the search fails instead of waiting forever.
 """
 
 import logging
+import statistics
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future
 from uuid import uuid4
 
@@ -22,9 +34,22 @@ from celery import states
 
 from ._blobs import BlobServer, BlobTable
 from ._progress import Progress
+from ._recovery import (
+    Watcher,
+    failed_outputs,
+    is_connection_error,
+    is_worker_lost,
+    reclaim,
+    split_batch,
+)
 from ._serialization import dumps_with_blobs, loads
 from ._signing import MessageRejected, Signer
-from .exceptions import ClusterSearchError
+from .exceptions import (
+    BrokerUnreachableError,
+    ClusterSearchError,
+    NodeFailureError,
+    NoWorkersError,
+)
 from .worker import TASK_NAME, RemoteFailure
 
 __all__ = ["Session"]
@@ -43,6 +68,13 @@ _TICK_S = 0.002
 # nothing has come back for a while; and its wait with nothing in flight.
 _MAX_WAIT_S = 0.05
 _IDLE_S = 0.1
+
+# A backup copy of a straggler's batch is sent only after this long: for
+# short fits a duplicate buys nothing.
+_STRAGGLER_MIN_S = 1.0
+
+# While the broker is unreachable, sends are retried this often.
+_BROKER_RETRY_S = 0.5
 
 
 class _Work:
@@ -81,6 +113,27 @@ class Session:
         The broker's URL without password, for messages.
     signer : Signer or None
         Signs work and verifies results (see ``_signing``).
+    discover : callable, default=None
+        ``discover(timeout)`` returns the nodes that answer (heartbeat and
+        discovery of joining nodes); None turns failure detection off.
+    max_retries, no_node_timeout, straggler_factor, reconnect_grace
+        See :class:`~clustersearch.Cluster`.
+    admit : callable, default=None
+        ``admit(node)`` raises if a node that joins mid-search must not get
+        work (the pre-flight checks: secret, versions).
+
+    Attributes
+    ----------
+    events : list of dict
+        What happened to the nodes, in order: ``{"t": time.monotonic(),
+        "event": ..., "node": ..., ...}`` with events "lost" (and
+        ``silent_s``, the time since the node last answered), "joined",
+        "worker-lost", "gave-up", "straggler", "broker-down", "broker-up",
+        "results-lost", "refused" (a joining node that fails the pre-flight
+        checks).
+    late_results : int
+        Results that came after their work was done or sent elsewhere
+        (from a lost node, a straggler's backup): ignored.
     """
 
     def __init__(
@@ -94,6 +147,12 @@ class Session:
         missed_heartbeats=3,
         broker="",
         signer=None,
+        discover=None,
+        max_retries=2,
+        no_node_timeout=30.0,
+        straggler_factor=3.0,
+        reconnect_grace=10.0,
+        admit=None,
     ):
         if not nodes:
             raise ValueError("a session needs at least one node")
@@ -112,12 +171,36 @@ class Session:
         self._heartbeat_interval = heartbeat_interval
         self._missed_heartbeats = missed_heartbeats
         self._missed = Counter()
-        self._next_heartbeat = time.monotonic() + heartbeat_interval
         self._broker = broker
+        self._queued_per_node = queued_per_node
+        self._max_retries = max_retries
+        self._no_node_timeout = no_node_timeout
+        self._straggler_factor = straggler_factor
+        self._reconnect_grace = reconnect_grace
+        self._admit = admit
+        self._refused = set()
+        self.events = []
+        self.late_results = 0
+        # Per task id: the node it went to and when. A batch may have two
+        # copies in flight (a straggler's backup); the first result wins.
+        self._copies = {}
+        self._batches = {}  # work -> its joblib batch (to split it, or fail it)
+        self._tries = {}  # work -> [(node, what happened), ...]
+        self._avoid = {}  # work -> nodes it should not go back to
+        self._backed_up = set()
+        self._durations = deque(maxlen=64)
+        self._stale = defaultdict(set)  # lost node -> its revoked task ids
+        self._beats = deque()
+        self._last_seen = dict.fromkeys(self.nodes, time.monotonic())
+        self._no_nodes_since = None
+        self._broker_down_since = None
+        self._next_send_try = 0.0
+        self._reply_connection = None
+        self._grace_until = 0.0
         self._pending = deque()
         self._finished = deque()
         self._inflight = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wake = threading.Event()
         self._closing = False
         self._failure = None
@@ -128,6 +211,10 @@ class Session:
             target=self._run, name="clustersearch-dispatch", daemon=True
         )
         self._thread.start()
+        self._watcher = None
+        if discover is not None:
+            self._watcher = Watcher(discover, heartbeat_interval, self._post_beat)
+            self._watcher.start()
 
     # -- called from any thread -------------------------------------------
 
@@ -143,6 +230,7 @@ class Session:
             error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
             error.__cause__ = exc
             work = _Work(None, callback, n_calls, error=error)
+        self._batches[work] = func
         with self._lock:
             if self._failure is not None:
                 work.error = self._failure
@@ -151,15 +239,26 @@ class Session:
         return work.future
 
     def cancel_pending(self) -> None:
-        """Drop work not yet sent and revoke what nodes have not started."""
+        """Drop the work not done yet; revoke (and stop) what nodes hold."""
         with self._lock:
             dropped = list(self._pending)
             self._pending.clear()
             task_ids = list(self._inflight)
+            # Forgotten: what they send now (revoked, a dead worker) is
+            # ignored, and nothing of theirs is sent again.
+            dropped += [work for work, _ in self._inflight.values()]
+            self._inflight.clear()
+            for node, _ in self._copies.values():
+                if node in self._window:
+                    self._busy[node] -= 1
+            self._copies.clear()
         for work in dropped:
             work.future.cancel()
+            if isinstance(work.callback, _Part):
+                work.callback.parent.future.cancel()
         if task_ids:
-            self._revoke(task_ids)
+            # Terminate what runs: nodes do not keep computing a dead search.
+            self._revoke(task_ids, terminate=True)
 
     def close(self) -> None:
         """Stop the dispatcher; revoke whatever is still outstanding."""
@@ -197,12 +296,20 @@ class Session:
                     wait = _TICK_S if self._finished else min(2 * wait, _MAX_WAIT_S)
                     self._finish_ready()
                     self._check_nodes()
+                    self._back_up_stragglers()
+                    self._check_deadlines()
+                    self._finish_ready()
         except BaseException as exc:  # pragma: no cover - reported below
             logger.exception("clustersearch dispatcher stopped")
             self._fail_everything(
                 ClusterSearchError(f"the dispatcher stopped: {exc!r}")
             )
         finally:
+            if self._watcher is not None:
+                # Not joined: it may be waiting for replies, and has nothing
+                # left to tell.
+                self._watcher.stop()
+            self._sweep_lost_queues()
             # Celery's backend is per thread, and this thread ends here. An
             # rpc:// consumer left open would share the app's reply queue with
             # the next session's and take half of its results (a hang).
@@ -213,6 +320,8 @@ class Session:
                     logger.debug("closing the result consumer failed", exc_info=True)
 
     def _send_ready(self, producer):
+        if self._broker_down_since is not None and time.monotonic() < self._next_send_try:
+            return
         while True:
             with self._lock:
                 if not self._pending:
@@ -243,6 +352,13 @@ class Session:
                     producer=producer,
                 )
             except Exception as exc:
+                if is_connection_error(exc):
+                    # The broker, not the work: send it once it is back.
+                    with self._lock:
+                        self._pending.appendleft(work)
+                    self._broker_trouble(exc)
+                    self._next_send_try = time.monotonic() + _BROKER_RETRY_S
+                    return
                 work.error = ClusterSearchError(
                     f"could not send work to node {node!r}: {exc!r}"
                 )
@@ -254,16 +370,28 @@ class Session:
                 self.task_bytes_per_node[node] += len(work.payload)
             if backend_is_async(self.app.backend):
                 result.then(self._on_ready)
+            self._sent(work, node, result.id)
+
+    def _sent(self, work, node, task_id):
+        with self._lock:
+            self._copies[task_id] = (node, time.monotonic())
 
     def _pick_node(self):
-        """The node with the most free room, relative to its concurrency."""
+        """The node with the most free room, relative to its concurrency.
+
+        Nodes where the next batch already failed (or where its other copy
+        runs) come last.
+        """
+        avoid = self._avoid.get(self._pending[0], ()) if self._pending else ()
         best, best_room = None, 0.0
         for name, window in self._window.items():
             free = window - self._busy[name]
             if free <= 0:
                 continue
             room = free / self.nodes[name].concurrency
-            if room > best_room:
+            if name in avoid:
+                room -= 1e6
+            if best is None or room > best_room:
                 best, best_room = name, room
         return best
 
@@ -273,6 +401,13 @@ class Session:
                 backend.result_consumer.drain_events(timeout=wait)
             except TimeoutError:
                 pass
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                # rpc:// lost the broker; Celery reconnects on the next drain.
+                self._broker_trouble(exc)
+                self._wake.wait(_BROKER_RETRY_S)
+            self._check_reply_connection(backend)
             return
         # Backends without push (file://, databases): poll what is in flight.
         for task_id, (_, result) in list(self._inflight.items()):
@@ -285,17 +420,33 @@ class Session:
             self._wake.clear()
 
     def _on_ready(self, result):
+        revoke = []
         with self._lock:
             entry = self._inflight.pop(result.id, None)
             if entry is None:  # a late or duplicate result: ignored
+                self.late_results += 1
                 return
             work = entry[0]
-            self._busy[work.node] -= 1
+            node, sent_at = self._copies.pop(result.id, (work.node, None))
+            if node in self._window:
+                self._busy[node] -= 1
+            if result.state != states.SUCCESS and is_worker_lost(result.result):
+                if not self._has_copy(work):
+                    self._failed_try(work, node, f"its worker process died ({result.result})")
+                return
+            # The first copy to finish wins; the other is revoked.
+            revoke = self._drop_copies(work)
+            if sent_at is not None and not revoke and work not in self._backed_up:
+                self._durations.append(time.monotonic() - sent_at)
+        if revoke:
+            self._revoke(revoke, terminate=True)
+        # The copy that won: its result is verified against its own task id.
+        work.task_id, work.node = result.id, node
         if result.state == states.SUCCESS:
             work.result = result.result
         else:
             work.error = ClusterSearchError(
-                f"work sent to node {work.node!r} failed in Celery "
+                f"work sent to node {node!r} failed in Celery "
                 f"({result.state}): {result.result!r}"
             )
         self._finished.append(work)
@@ -303,6 +454,9 @@ class Session:
     def _finish_ready(self):
         while self._finished:
             work = self._finished.popleft()
+            if work.future.done():  # pragma: no cover - finished twice: a bug
+                logger.error("a batch finished twice; ignored the second time")
+                continue
             if work.error is None:
                 try:
                     value = self._open_result(work)
@@ -314,11 +468,18 @@ class Session:
                     sys.stdout.write(value["stdout"])
                 if isinstance(output, RemoteFailure):
                     work.error = output.exception_with_traceback()
-                else:
+                elif value["node"] is not None:
                     self.fits_per_node[value["node"]] += work.n_calls
                     self.pids.add((value["node"], value["pid"]))
                     self.progress.advance(work.n_calls)
-                self.tasks_per_node[value["node"]] += 1
+                elif value.get("gave_up"):
+                    self.progress.advance(work.n_calls)
+                if value["node"] is not None:
+                    self.tasks_per_node[value["node"]] += 1
+            with self._lock:
+                for table in (self._batches, self._tries, self._avoid):
+                    table.pop(work, None)
+                self._backed_up.discard(work)
             if work.error is not None:
                 work.future.set_exception(work.error)
             else:
@@ -332,6 +493,10 @@ class Session:
     def _open_result(self, work):
         """Verify (with a secret) and unpickle what a node sent back."""
         envelope = work.result
+        if isinstance(envelope, dict) and envelope.get("local"):
+            # Made here: a lost fit's error_score result, or a batch that was
+            # retried call by call, its calls' results put together.
+            return envelope
         if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
             raise MessageRejected(
                 f"node {work.node!r} sent back something that is not a clustersearch "
@@ -343,67 +508,267 @@ class Session:
             raise MessageRejected(f"result of node {work.node!r} refused: {exc}") from None
         return loads(envelope["payload"])
 
-    def _check_nodes(self):
-        """Ping the nodes that hold work; reroute the work of a node gone silent."""
-        now = time.monotonic()
-        if now < self._next_heartbeat:
-            return
-        self._next_heartbeat = now + self._heartbeat_interval
-        with self._lock:
-            holding = {work.node for work, _ in self._inflight.values()}
-        if not holding:
-            return
-        hostnames = {self.nodes[name].hostname: name for name in holding}
-        try:
-            replies = self.app.control.ping(
-                destination=list(hostnames), timeout=1.0, limit=len(hostnames)
-            )
-        except Exception:  # the broker itself is unreachable: retry next beat
-            logger.warning("heartbeat ping failed", exc_info=True)
-            return
-        answered = {hostnames[h] for reply in replies or () for h in reply if h in hostnames}
-        for name in holding:
-            if name in answered:
-                self._missed[name] = 0
-                continue
-            self._missed[name] += 1
-            if self._missed[name] >= self._missed_heartbeats:
-                self._lose_node(name)
+    # -- failures -----------------------------------------------------------
 
-    def _lose_node(self, name):
-        """Take ``name`` out of the rotation and send its work elsewhere."""
-        logger.warning("node %r stopped answering: rerouting its work", name)
+    def _event(self, event, node=None, **info):
+        self.events.append({"t": time.monotonic(), "event": event, "node": node, **info})
+
+    def _post_beat(self, t, nodes, error):
+        """Called by the heartbeat thread."""
+        self._beats.append((t, nodes, error))
+        self._wake.set()
+
+    def _check_nodes(self):
+        """Count missed heartbeats, lose silent nodes, take in new ones."""
+        while self._beats:
+            t, nodes, error = self._beats.popleft()
+            if error is not None:
+                self._broker_trouble(error)
+                continue
+            if self._broker_down_since is not None:
+                self._broker_back()
+            answered = {node.name: node for node in nodes}
+            for name in answered:
+                self._last_seen[name] = t
+            for name in list(self._window):
+                if name in answered:
+                    self._missed[name] = 0
+                elif t >= self._grace_until:
+                    self._missed[name] += 1
+                    if self._missed[name] >= self._missed_heartbeats:
+                        self._lose_node(
+                            name, f"it missed {self._missed[name]} heartbeats in a row"
+                        )
+            for name, info in answered.items():
+                if name not in self._window:
+                    self._add_node(info)
+
+    def _add_node(self, info):
+        if self._admit is not None:
+            try:
+                self._admit(info)
+            except Exception as exc:
+                if info.name not in self._refused:
+                    self._refused.add(info.name)
+                    logger.warning("node %r answered but gets no work: %s", info.name, exc)
+                    self._event("refused", info.name, why=str(exc))
+                return
+        self._refused.discard(info.name)
         with self._lock:
-            self._window.pop(name, None)
+            name = info.name
+            self.nodes[name] = info
+            self._window[name] = info.concurrency + self._queued_per_node
+            self._busy[name] = 0
+            self._missed[name] = 0
+            self.capacity += info.concurrency
+            self._no_nodes_since = None
+        logger.warning("node %r joined the search", name)
+        self._event("joined", name, again=name in self.lost_nodes)
+
+    def _lose_node(self, name, reason):
+        """Take ``name`` out of the rotation and send its work elsewhere."""
+        now = time.monotonic()
+        logger.warning("node %r is lost (%s): rerouting its work", name, reason)
+        with self._lock:
+            if name not in self._window:
+                return
+            del self._window[name]
             self.capacity -= self.nodes[name].concurrency
             self.lost_nodes.append(name)
-            stranded = [
-                (task_id, work)
-                for task_id, (work, _) in self._inflight.items()
-                if work.node == name
-            ]
-            for task_id, work in stranded:
+            stale = [tid for tid, (node, _) in self._copies.items() if node == name]
+            for task_id in stale:
                 # Its result, should it ever come, no longer matches anything.
-                del self._inflight[task_id]
-                work.node = None
-                self._pending.appendleft(work)
+                del self._copies[task_id]
+                work, _ = self._inflight.pop(task_id)
+                if not self._has_copy(work):
+                    self._failed_try(work, name, f"the node stopped answering: {reason}")
+            self._stale[name].update(stale)
             self._busy[name] = 0
-            alive = bool(self._window)
-        if stranded:
-            self._revoke([task_id for task_id, _ in stranded])
-        if not alive:
-            from .exceptions import NoWorkersError
+            if not self._window and self._no_nodes_since is None:
+                self._no_nodes_since = now
+        self._event(
+            "lost", name, silent_s=now - self._last_seen.get(name, now), rerouted=len(stale)
+        )
+        if stale:
+            self._revoke(stale, terminate=True)
+            self._reclaim(name, stale)
 
+    def _failed_try(self, work, node, what):
+        """A copy of ``work`` died with its process or node: retry or give up."""
+        with self._lock:
+            tries = self._tries.get(work)
+            if tries is None:
+                # A call of a batch retried call by call inherits its tries.
+                parent = work.callback.parent if isinstance(work.callback, _Part) else None
+                tries = self._tries[work] = list(self._tries.get(parent, ()))
+            tries.append((node, what))
+            if node is not None:
+                self._event("worker-lost", node, what=what, tries=len(tries))
+            if len(tries) > self._max_retries:
+                self._give_up(work, tries)
+                return
+            parts = split_batch(self._batches.get(work)) if work.n_calls > 1 else None
+            if parts is None:
+                self._avoid[work] = {n for n, _ in tries}
+                self._pending.appendleft(work)
+                self._wake.set()
+                return
+        # Retried call by call, so that one fit that kills its worker does
+        # not take the batch's other fits down with it.
+        whole = _Whole(self, work, len(parts))
+        for index, part in enumerate(parts):
+            self.submit(part, _Part(whole, index))
+
+    def _give_up(self, work, tries):
+        places = "; ".join(f"on node {n!r}: {what}" for n, what in tries)
+        error = NodeFailureError(
+            f"a batch of {work.n_calls} fit(s) was lost {len(tries)} times "
+            f"({places}); it is not sent again (max_retries={self._max_retries}). "
+            "A fit that kills its worker every time usually runs out of memory"
+        )
+        logger.warning("%s", error)
+        self._event("gave-up", tries[-1][0], tries=len(tries))
+        try:
+            outputs = failed_outputs(self._batches.get(work), error)
+        except BaseException as exc:
+            work.error = exc
+        else:
+            work.result = {"output": outputs, "node": None, "gave_up": True, "local": True}
+        self._finished.append(work)
+
+    def _has_copy(self, work):
+        """Whether another copy of ``work`` is in flight or waits to be sent."""
+        return any(w is work for w, _ in self._inflight.values()) or any(
+            w is work for w in self._pending
+        )
+
+    def _drop_copies(self, work):
+        """Forget the other copies of ``work``; the task ids of those in flight."""
+        for waiting in [w for w in self._pending if w is work]:
+            self._pending.remove(waiting)
+        ids = [tid for tid, (w, _) in self._inflight.items() if w is work]
+        for task_id in ids:
+            del self._inflight[task_id]
+            node, _ = self._copies.pop(task_id, (None, None))
+            if node in self._window:
+                self._busy[node] -= 1
+        return ids
+
+    def _back_up_stragglers(self):
+        """When nothing waits, send a straggler's batch to an idle node too."""
+        if self._straggler_factor is None or self._pending or len(self._durations) < 4:
+            return
+        now = time.monotonic()
+        late = max(_STRAGGLER_MIN_S, self._straggler_factor * statistics.median(self._durations))
+        with self._lock:
+            idle = {
+                name: self.nodes[name].concurrency - self._busy[name]
+                for name in self._window
+                if self._busy[name] < self.nodes[name].concurrency
+            }
+            if not idle:
+                return
+            for task_id, (node, sent_at) in sorted(self._copies.items(), key=lambda c: c[1][1]):
+                if now - sent_at < late:
+                    break
+                work = self._inflight[task_id][0]
+                if work in self._backed_up or work in self._pending:
+                    continue
+                target = next((n for n, free in idle.items() if free > 0 and n != node), None)
+                if target is None:
+                    break
+                idle[target] -= 1
+                self._backed_up.add(work)
+                self._avoid[work] = {node}
+                self._pending.append(work)
+                self._event(
+                    "straggler", node, waited_s=now - sent_at, late_s=late, backup=target
+                )
+
+    def _check_deadlines(self):
+        now = time.monotonic()
+        since = self._no_nodes_since
+        if since is not None and now - since > self._no_node_timeout and self._failure is None:
             self._fail_everything(
                 NoWorkersError(
                     f"every node on {self._broker!r} stopped answering "
-                    f"({', '.join(self.lost_nodes)}); the search cannot finish"
+                    f"({', '.join(dict.fromkeys(self.lost_nodes))}) and none came back "
+                    f"within no_node_timeout={self._no_node_timeout} s; the search "
+                    "cannot finish. Check the nodes (their logs, their network)"
+                )
+            )
+        since = self._broker_down_since
+        if since is not None and now - since > self._no_node_timeout and self._failure is None:
+            self._fail_everything(
+                BrokerUnreachableError(
+                    f"lost the broker {self._broker!r} for more than "
+                    f"no_node_timeout={self._no_node_timeout} s; the search cannot finish"
                 )
             )
 
-    def _revoke(self, task_ids):
+    def _broker_trouble(self, exc):
+        if self._broker_down_since is None:
+            logger.warning("lost the broker %r: %r", self._broker, exc)
+            self._broker_down_since = time.monotonic()
+            self._event("broker-down", error=repr(exc))
+
+    def _broker_back(self):
+        now = time.monotonic()
+        down = now - self._broker_down_since
+        self._broker_down_since = None
+        logger.warning("the broker %r is back after %.1f s", self._broker, down)
+        self._event("broker-up", down_s=down)
+        # Nodes reconnect on their own schedule: give them time before
+        # counting their silence.
+        self._grace_until = now + self._reconnect_grace
+        self._missed.clear()
+        if type(self.app.backend).__name__ == "RPCBackend":
+            # rpc:// results published while the broker was away are lost.
+            self._resend_inflight()
+
+    def _check_reply_connection(self, backend):
+        """rpc://: a new reply connection means results may have been lost.
+
+        Celery's rpc:// consumer reconnects by itself, and what nodes sent
+        while its reply queue was gone (a broker restart) is lost: send what
+        is in flight again, whether or not the outage was noticed otherwise.
+        """
+        connection = getattr(backend.result_consumer, "_connection", None)
+        if connection is None or connection is self._reply_connection:
+            return
+        if self._reply_connection is not None:
+            logger.warning("the rpc:// result consumer reconnected: resending the work in flight")
+            self._event("results-lost")
+            self._resend_inflight()
+        self._reply_connection = connection
+
+    def _resend_inflight(self):
+        """Send every batch in flight once more (the first result still wins)."""
+        with self._lock:
+            for work, _ in list(self._inflight.values()):
+                if work not in self._backed_up:
+                    self._backed_up.add(work)
+                    self._pending.append(work)
+
+    def _reclaim(self, name, task_ids):
         try:
-            self.app.control.revoke(task_ids)
+            deleted = reclaim(self.app, self.nodes[name].queue, task_ids)
+        except Exception:
+            logger.warning("could not reclaim the queue of node %r", name, exc_info=True)
+        else:
+            self._stale[name].difference_update(task_ids)
+            if deleted:
+                logger.info("took %d batches out of node %r's queue", deleted, name)
+
+    def _sweep_lost_queues(self):
+        """Take this session's stale work out of the queues of lost nodes."""
+        for name, task_ids in list(self._stale.items()):
+            if task_ids and name not in self._window:
+                self._reclaim(name, list(task_ids))
+
+    def _revoke(self, task_ids, terminate=False):
+        try:
+            self.app.control.revoke(task_ids, terminate=terminate)
         except Exception:  # the search ends anyway; nodes drop stale work
             logger.warning("could not revoke %d tasks", len(task_ids), exc_info=True)
 
@@ -413,13 +778,55 @@ class Session:
             works = list(self._pending) + [w for w, _ in self._inflight.values()]
             self._pending.clear()
             self._inflight.clear()
-        for work in works:
+            self._copies.clear()
+        for work in {id(w): w for w in works}.values():
             work.error = error
             self._finished.append(work)
         self._finish_ready()
 
 
+class _Whole:
+    """A batch retried call by call: its result once every call is back."""
+
+    def __init__(self, session, work, n_parts):
+        self.session = session
+        self.work = work
+        self.outputs = [None] * n_parts
+        self.left = n_parts
+        self.error = None
+
+    def part_done(self, index, future):
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.error = self.error or future.exception()
+        else:
+            self.outputs[index] = future.result()[0]
+        self.left -= 1
+        if self.left == 0:
+            work = self.work
+            if self.error is not None:
+                work.error = self.error
+            else:
+                work.result = {"output": self.outputs, "node": None, "local": True}
+            self.session._finished.append(work)
+
+
+class _Part:
+    """The callback of one call of a batch that is retried call by call."""
+
+    def __init__(self, whole, index):
+        self.whole = whole
+        self.index = index
+
+    @property
+    def parent(self):
+        return self.whole.work
+
+    def __call__(self, future):
+        self.whole.part_done(self.index, future)
+
+
 def backend_is_async(backend) -> bool:
     """Whether ``backend`` pushes results (rpc://, Redis) rather than being polled."""
     return bool(getattr(backend, "is_async", False))
-

@@ -45,7 +45,10 @@ def _send_user_modules_by_value():
     if len(sys.modules) == _modules_seen:
         return
     _modules_seen = len(sys.modules)
-    for name, module in list(sys.modules.items()):
+    # A copy, not list(items()): building the list can run other threads
+    # (a heartbeat, a result callback) that import, and the dict must not
+    # change size while it is read.
+    for name, module in sys.modules.copy().items():
         if name == "__main__" or name.partition(".")[0] == "clustersearch":
             continue
         if name in _by_value:

@@ -9,6 +9,7 @@ __all__ = [
     "BrokerUnreachableError",
     "ClusterSearchError",
     "NoWorkersError",
+    "NodeFailureError",
     "NodeStartupError",
     "NotPicklableError",
     "RemoteTraceback",
@@ -32,6 +33,14 @@ class BrokerUnreachableError(ClusterSearchError, ConnectionError):
 
 class NoWorkersError(ClusterSearchError, TimeoutError):
     """No clustersearch node answered on the broker."""
+
+
+class NodeFailureError(ClusterSearchError, RuntimeError):
+    """A fit was lost on every try: its worker process or its node died.
+
+    The message names each node and what happened there. In a search it
+    follows ``error_score`` like an exception raised by the fit itself.
+    """
 
 
 class NodeStartupError(ClusterSearchError, RuntimeError):

@@ -87,11 +87,25 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # A fit is acknowledged when it ends, not when it starts, and a node
-        # holds no more than one unstarted message per process: the client
-        # decides where work goes, not the broker's prefetch.
-        task_acks_late=True,
+        # A fit is acknowledged when it starts, so that no broker timeout
+        # (RabbitMQ's consumer_timeout, 30 min; Redis's visibility_timeout,
+        # 1 h) ever redelivers a fit that is still running. The client, not
+        # the broker, resends the work of a node that died (it watches the
+        # nodes), and counts each fit once. A node holds no more than one
+        # unstarted message per process: the client decides where work
+        # goes, not the broker's prefetch.
+        # The embedded transport is the exception: without an event loop a
+        # node's main process blocks while it holds a started fit and an
+        # unstarted one (billiard waits for a free process) and answers no
+        # heartbeat or revoke, so there it takes a message only when a process
+        # is free. That transport deletes a message once read: nothing to
+        # redeliver either way.
+        task_acks_late=urlparse(broker_url).scheme == "filesystem",
         worker_prefetch_multiplier=1,
+        # A pool process that dies (OOM killer, SIGKILL) fails its fit only
+        # after this wait for a result it might have sent (Celery's default,
+        # 10 s, for each lost fit); a result travels in milliseconds.
+        worker_lost_wait=1.0,
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         result_expires=3600,

@@ -137,3 +137,14 @@ def assert_same_results(ours, theirs):
     assert hasattr(ours, "refit_time_") == hasattr(theirs, "refit_time_")
     if hasattr(theirs, "classes_"):
         np.testing.assert_array_equal(ours.classes_, theirs.classes_)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault tests' measured detection and recovery times."""
+    import sys
+
+    netcluster = sys.modules.get("netcluster")
+    if netcluster is not None and netcluster.REPORT:
+        terminalreporter.section("fault tests: measured times")
+        for line in netcluster.REPORT:
+            terminalreporter.write_line(line)

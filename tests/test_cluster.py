@@ -307,14 +307,179 @@ def test_search_survives_a_node_killed_mid_search():
 def test_every_node_gone_is_an_error_not_a_hang():
     import signal
 
-    with LocalCluster(n_workers=1, heartbeat_interval=0.5, missed_heartbeats=2) as cluster:
+    with LocalCluster(
+        n_workers=1, heartbeat_interval=0.5, missed_heartbeats=2, no_node_timeout=2.0
+    ) as cluster:
         search = ClusterGridSearchCV(_SlowSVC(), GRID, cv=3, cluster=cluster)
         (victim,) = cluster.processes.values()
         threading.Timer(1.0, os.killpg, (victim.pid, signal.SIGKILL)).start()
         start = time.monotonic()
-        with pytest.raises(NoWorkersError, match="stopped answering"):
+        with pytest.raises(NoWorkersError, match="stopped answering.*no_node_timeout=2.0"):
             search.fit(X, y)
-        assert time.monotonic() - start < 30
+        # The kill at 1 s, detection (2 to 3 heartbeats, up to 0.5 s of reply
+        # wait each), then no_node_timeout: about 5 s.
+        assert time.monotonic() - start < 10
+
+
+class _DiesOnC100(SVC):
+    """Its fit kills its own worker process, as the kernel's OOM killer would."""
+
+    def fit(self, X, y, **kwargs):
+        if self.C == 100:
+            os.kill(os.getpid(), 9)
+        return super().fit(X, y, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_fit_that_kills_its_worker_every_time_ends_as_error_score(embedded_cluster):
+    from sklearn.exceptions import FitFailedWarning
+
+    grid = {"C": [1, 100, 10]}
+    search = ClusterGridSearchCV(_DiesOnC100(), grid, cv=3, cluster=embedded_cluster)
+    start = time.monotonic()
+    with pytest.warns(FitFailedWarning) as warned:
+        search.fit(X, y)
+    elapsed = time.monotonic() - start
+    message = "\n".join(str(w.message) for w in warned)
+    # The reason names the nodes and what happened there; max_retries=2.
+    assert "NodeFailureError: a batch of 1 fit(s) was lost 3 times" in message
+    assert "its worker process died" in message and "SIGKILL" in message
+    for name in embedded_cluster.node_names:
+        assert f"on node {name!r}" in message
+    scores = search.cv_results_["mean_test_score"]
+    reference = GridSearchCV(SVC(), grid, cv=3).fit(X, y).cv_results_["mean_test_score"]
+    assert np.isnan(scores[1])
+    np.testing.assert_array_equal(scores[[0, 2]], reference[[0, 2]])
+    # The other fits ran once each; the lost ones are counted nowhere.
+    assert sum(search.fits_per_node_.values()) == 6
+    assert elapsed < 60
+
+
+def test_a_fit_lost_every_time_with_error_score_raise(embedded_cluster):
+    from clustersearch.exceptions import NodeFailureError
+
+    search = ClusterGridSearchCV(
+        _DiesOnC100(), {"C": [100]}, cv=2, error_score="raise", cluster=embedded_cluster
+    )
+    with pytest.raises(NodeFailureError, match="lost 3 times.*on node 'local"):
+        search.fit(X, y)
+
+
+class _Marks(SVC):
+    """A 2 s fit that leaves a file when it starts and when it ends."""
+
+    def __init__(self, C=1.0, marker_dir=None):
+        super().__init__(C=C)
+        self.marker_dir = marker_dir
+
+    def fit(self, X, y, **kwargs):
+        import uuid
+        from pathlib import Path
+
+        mark = Path(self.marker_dir, uuid.uuid4().hex)
+        mark.with_suffix(".start").touch()
+        if self.C == 2:
+            raise ValueError("C=2 fails at once")
+        time.sleep(2.0)
+        mark.with_suffix(".done").touch()
+        return super().fit(X, y, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "exception"])
+def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how):
+    import _thread
+
+    # "exception": the first candidate's fits raise at once (error_score
+    # "raise"), while the nodes hold the next candidates' 2 s fits.
+    grid = {"C": [1, 3, 4, 5]} if how == "ctrl-c" else {"C": [2, 1, 3]}
+    search = ClusterGridSearchCV(
+        _Marks(marker_dir=str(tmp_path)), grid, cv=3, error_score="raise",
+        cluster=embedded_cluster,
+    )  # fmt: skip
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    expected = KeyboardInterrupt if how == "ctrl-c" else ValueError
+    if how == "ctrl-c":
+        timer.start()
+    try:
+        with pytest.raises(expected):
+            search.fit(X, y)
+    finally:
+        timer.cancel()
+    stopped = time.time()
+    started = {p.stem for p in tmp_path.glob("*.start")}
+    assert started, "no fit started"
+    # Longer than a fit: whatever still ran would have finished by now.
+    time.sleep(3.0)
+    done = {p.stem: p.stat().st_mtime for p in tmp_path.glob("*.done")}
+    assert all(t < stopped + 0.5 for t in done.values()), "a node kept computing a dead search"
+    late = [p for p in tmp_path.glob("*.start") if p.stat().st_mtime > stopped + 0.5]
+    assert not late, "a node started a fit of a dead search"
+    if how == "ctrl-c":
+        # Fits were running at the interrupt (1 s into 2 s fits): stopped.
+        assert started - set(done), "no fit was stopped"
+    # The nodes are still there for the next search.
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
+    assert sum(search.fits_per_node_.values()) == 18
+
+
+class _Sleeps(SVC):
+    """A long fit (3 s), standing for one of hours."""
+
+    def fit(self, X, y, **kwargs):
+        time.sleep(3.0)
+        return super().fit(X, y, **kwargs)
+
+
+def _unacknowledged(transport, cluster):
+    """Messages a node holds without having acknowledged them."""
+    if transport == "redis":
+        import redis
+
+        # kombu's Redis transport keeps delivered, unacknowledged messages in
+        # the "unacked" hash until they are acknowledged, or restores them to
+        # their queue after visibility_timeout.
+        return redis.Redis.from_url(cluster.broker_url).hlen("unacked")
+    queues = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    node_queues = {f"clustersearch.{name}" for name in cluster.node_names}
+    return sum(
+        int(count) for name, count in (line.split() for line in queues.splitlines() if line.strip())
+        if name in node_queues
+    )  # fmt: skip
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["rabbitmq", "redis"])
+def test_a_running_fit_holds_no_unacknowledged_message(transport):
+    # A fit is acknowledged when it starts: RabbitMQ's consumer_timeout and
+    # Redis's visibility_timeout only apply to unacknowledged messages, so
+    # neither can redeliver a fit however long it runs. queued_per_node=0:
+    # nothing waits at the node either (README, long fits).
+    from conftest import RABBITMQ
+
+    if transport == "rabbitmq":
+        require_servers(RABBITMQ)
+        if os.geteuid() != 0:
+            pytest.skip("rabbitmqctl needs root")
+        broker, backend = RABBITMQ, REDIS + "/1"
+    else:
+        require_servers(REDIS)
+        broker = backend = REDIS + "/6"
+    with LocalCluster(
+        n_workers=1, broker_url=broker, backend=backend, allow_root=True, queued_per_node=0
+    ) as cluster:
+        search = ClusterGridSearchCV(_Sleeps(), {"C": [1]}, cv=2, cluster=cluster)
+        thread = threading.Thread(target=search.fit, args=(X, y))
+        thread.start()
+        try:
+            time.sleep(1.5)  # the first fit runs
+            assert _unacknowledged(transport, cluster) == 0
+        finally:
+            thread.join()
+    assert sum(search.fits_per_node_.values()) == 2
 
 
 def test_consecutive_searches_share_one_cluster(cluster):

@@ -1,0 +1,182 @@
+"""Surviving node failures: what the dispatcher needs besides sending work.
+
+- :class:`Watcher` sends the heartbeat: it asks every node for its info
+  every ``heartbeat_interval`` seconds, in a thread of its own (a node that
+  does not answer costs the dispatcher nothing), and posts who answered. The
+  same broadcast finds nodes that join during a search.
+- :func:`reclaim` takes a lost node's unstarted work out of its queue, so
+  that a node restarted under the same name does not run it again.
+- :func:`split_batch` and :func:`failed_outputs`: a batch whose worker died
+  is retried call by call, and a fit that killed its worker on every try ends
+  as scikit-learn's own ``error_score`` entry (its ``_fit_and_score`` runs in
+  the client with an estimator whose ``fit`` raises the reason), instead of
+  failing the whole search or being sent forever.
+"""
+
+import copy
+import logging
+import threading
+import time
+
+from kombu import Queue
+from kombu.exceptions import OperationalError
+from sklearn.base import BaseEstimator
+
+__all__ = [
+    "Watcher",
+    "failed_outputs",
+    "is_connection_error",
+    "is_worker_lost",
+    "reclaim",
+    "split_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Watcher(threading.Thread):
+    """Heartbeat and discovery: ``post(t, nodes, error)`` every ``interval``.
+
+    ``discover(timeout)`` returns the nodes that answered within ``timeout``
+    (a :class:`~clustersearch.NodeInfo` list); an exception (the broker is
+    unreachable) is posted as ``error``.
+    """
+
+    def __init__(self, discover, interval, post):
+        super().__init__(name="clustersearch-heartbeat", daemon=True)
+        self.discover = discover
+        self.interval = interval
+        # A node answers in milliseconds; a second covers a slow network.
+        self.reply_timeout = min(1.0, interval)
+        self.post = post
+        self.stopped = threading.Event()
+
+    def run(self):
+        delay = self.interval
+        while not self.stopped.wait(delay):
+            start = time.monotonic()
+            try:
+                nodes = self.discover(self.reply_timeout)
+            except Exception as exc:
+                self.post(start, None, exc)
+            else:
+                self.post(start, nodes, None)
+            delay = max(0.0, self.interval - (time.monotonic() - start))
+
+    def stop(self):
+        """Stop after the current round (not waited for)."""
+        self.stopped.set()
+
+
+def is_worker_lost(exc) -> bool:
+    """Whether a Celery failure means the process running the task died."""
+    return type(exc).__name__ == "WorkerLostError"
+
+
+def is_connection_error(exc) -> bool:
+    """Whether ``exc`` says the broker (not the work) is the problem."""
+    if isinstance(exc, (OperationalError, ConnectionError, OSError)):
+        return True
+    module = type(exc).__module__ or ""
+    # py-amqp's and redis-py's connection errors, and Celery's "could not
+    # reconnect the result consumer" (a RuntimeError from a connection error).
+    if module.startswith(("amqp", "redis")):
+        return True
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and is_connection_error(cause)
+
+
+def reclaim(app, queue, task_ids) -> int:
+    """Delete the messages of ``task_ids`` still waiting in ``queue``.
+
+    Only this session's stale messages go: other messages (another client's
+    work for the same node) are put back. Returns how many were deleted.
+    """
+    task_ids = set(task_ids)
+    if not task_ids:
+        return 0
+    deleted = 0
+    held = []
+    with app.connection_for_write() as conn:
+        bound = Queue(queue, no_declare=True).bind(conn.default_channel)
+        try:
+            while True:
+                message = bound.get(no_ack=False)
+                if message is None:
+                    break
+                if (message.headers or {}).get("id") in task_ids:
+                    message.ack()
+                    deleted += 1
+                else:
+                    held.append(message)
+        finally:
+            for message in held:
+                message.reject(requeue=True)
+    return deleted
+
+
+# -- a batch that keeps killing its worker ------------------------------------
+
+
+def split_batch(batch):
+    """One joblib batch per call of ``batch``, or None if it cannot be split."""
+    items = getattr(batch, "items", None)
+    if not isinstance(items, list) or len(items) < 2:
+        return None
+    parts = []
+    for item in items:
+        part = copy.copy(batch)
+        part.items = [item]
+        part._size = 1
+        parts.append(part)
+    return parts
+
+
+def failed_outputs(batch, error):
+    """The results of ``batch``'s calls, had each fit raised ``error``.
+
+    Each call must be scikit-learn's ``_fit_and_score``: it then runs here, in
+    the client, with an estimator whose ``fit`` raises ``error``, so that
+    ``error_score`` applies exactly as in scikit-learn (a number: the scores
+    are ``error_score`` and the fit's "traceback" is ``error``; "raise": the
+    error is raised). Anything else raises ``error``.
+    """
+    from sklearn.model_selection._validation import _fit_and_score
+
+    items = getattr(batch, "items", None)
+    if not items:
+        raise error
+    outputs = []
+    for func, args, kwargs in items:
+        if getattr(func, "function", func) is not _fit_and_score:
+            raise error
+        args = list(args)
+        kwargs = dict(kwargs)
+        if args:
+            args[0] = _Raises(error, args[0])
+        else:
+            kwargs["estimator"] = _Raises(error, kwargs["estimator"])
+        if "callback_ctx" in kwargs:
+            kwargs["callback_ctx"] = None
+        outputs.append(func(*args, **kwargs))
+    return outputs
+
+
+class _Raises(BaseEstimator):
+    """Stands for an estimator whose fit was lost: ``fit`` raises the reason."""
+
+    def __init__(self, error=None, estimator=None):
+        self.error = error
+        self.estimator = estimator
+
+    def set_params(self, **params):
+        return self
+
+    def fit(self, *args, **kwargs):
+        raise self.error
+
+    def __sklearn_tags__(self):
+        from sklearn.utils import get_tags
+
+        # The split (pairwise kernels) follows the real estimator's tags.
+        return get_tags(self.estimator)
