@@ -98,7 +98,12 @@ class Damaging(ClassifierMixin, BaseEstimator):
                 elif self.damage == "corrupt":
                     # A new file with flipped bytes (processes that mapped
                     # the old one keep it, as after a disk write elsewhere).
-                    data = bytearray(path.read_bytes())
+                    # Another process may find an earlier corruption and
+                    # delete the file meanwhile.
+                    try:
+                        data = bytearray(path.read_bytes())
+                    except FileNotFoundError:
+                        continue
                     data[-8:] = bytes(255 - b for b in data[-8:])
                     tmp = path.with_name(".tmp-" + path.name)
                     tmp.write_bytes(data)
