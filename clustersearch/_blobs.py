@@ -243,12 +243,12 @@ class BlobServer:
                         headers={"digest": digest, "error": "unknown to this client"},
                     )  # fmt: skip
                     continue
-                chunks = list(blob.chunks())
-                for index, chunk in enumerate(chunks):
+                count = max(1, -(-blob.nbytes // CHUNK_BYTES))
+                for index, chunk in enumerate(blob.chunks()):
                     producer.publish(
                         chunk, routing_key=reply_to, exchange="", content_type=RAW,
                         content_encoding="binary", delivery_mode=1,
-                        headers={"digest": digest, "index": index, "count": len(chunks),
+                        headers={"digest": digest, "index": index, "count": count,
                                  "kind": blob.kind},
                     )  # fmt: skip
                 self.bytes_per_node[node] += blob.nbytes

@@ -686,23 +686,24 @@ class Session:
                 )
 
     def _check_deadlines(self):
+        if self._failure is not None:
+            return
         now = time.monotonic()
-        since = self._no_nodes_since
-        if since is not None and now - since > self._no_node_timeout and self._failure is None:
+        timeout = self._no_node_timeout
+        if self._no_nodes_since is not None and now - self._no_nodes_since > timeout:
             self._fail_everything(
                 NoWorkersError(
                     f"every node on {self._broker!r} stopped answering "
                     f"({', '.join(dict.fromkeys(self.lost_nodes))}) and none came back "
-                    f"within no_node_timeout={self._no_node_timeout} s; the search "
+                    f"within no_node_timeout={timeout} s; the search "
                     "cannot finish. Check the nodes (their logs, their network)"
                 )
             )
-        since = self._broker_down_since
-        if since is not None and now - since > self._no_node_timeout and self._failure is None:
+        elif self._broker_down_since is not None and now - self._broker_down_since > timeout:
             self._fail_everything(
                 BrokerUnreachableError(
                     f"lost the broker {self._broker!r} for more than "
-                    f"no_node_timeout={self._no_node_timeout} s; the search cannot finish"
+                    f"no_node_timeout={timeout} s; the search cannot finish"
                 )
             )
 

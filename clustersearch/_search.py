@@ -33,6 +33,15 @@ __all__ = [
 
 _CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
 
+_TRAFFIC_DOC = """\
+    data_bytes_per_node_ : dict of str -> int
+        Bytes of data (X, y, fit params, split indices) sent to each node by
+        this search; 0 where the node's cache already held them.
+    message_bytes_per_node_ : dict of str -> int
+        Bytes of task messages (estimators, parameters, references to the
+        data) sent to each node.
+"""
+
 _CLUSTER_DOC = """
     cluster : Cluster, LocalCluster or str, default=None
         Where the fits run. A :class:`~clustersearch.Cluster`, a
@@ -179,13 +188,7 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         As in :class:`sklearn.model_selection.GridSearchCV`.
     fits_per_node_ : dict of str -> int
         How many fits each node ran.
-    data_bytes_per_node_ : dict of str -> int
-        Bytes of data (X, y, fit params, split indices) sent to each node by
-        this search; 0 where the node's cache already held them.
-    message_bytes_per_node_ : dict of str -> int
-        Bytes of task messages (estimators, parameters, references to the
-        data) sent to each node.
-
+{_TRAFFIC_DOC}
     See Also
     --------
     sklearn.model_selection.GridSearchCV : the original, in-process.
@@ -254,13 +257,7 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran; the others as in scikit-learn.
-    data_bytes_per_node_ : dict of str -> int
-        Bytes of data (X, y, fit params, split indices) sent to each node by
-        this search; 0 where the node's cache already held them.
-    message_bytes_per_node_ : dict of str -> int
-        Bytes of task messages (estimators, parameters, references to the
-        data) sent to each node.
-
+{_TRAFFIC_DOC}
     See Also
     --------
     sklearn.model_selection.RandomizedSearchCV : the original, in-process.
@@ -323,13 +320,7 @@ random_state, n_jobs, verbose
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran, all rounds together.
-    data_bytes_per_node_ : dict of str -> int
-        Bytes of data (X, y, fit params, split indices) sent to each node by
-        this search; 0 where the node's cache already held them.
-    message_bytes_per_node_ : dict of str -> int
-        Bytes of task messages (estimators, parameters, references to the
-        data) sent to each node.
-
+{_TRAFFIC_DOC}
     See Also
     --------
     sklearn.model_selection.HalvingGridSearchCV : the original, in-process.
@@ -397,13 +388,7 @@ error_score, return_train_score, random_state, n_jobs, verbose
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran, all rounds together.
-    data_bytes_per_node_ : dict of str -> int
-        Bytes of data (X, y, fit params, split indices) sent to each node by
-        this search; 0 where the node's cache already held them.
-    message_bytes_per_node_ : dict of str -> int
-        Bytes of task messages (estimators, parameters, references to the
-        data) sent to each node.
-
+{_TRAFFIC_DOC}
     See Also
     --------
     sklearn.model_selection.HalvingRandomSearchCV : the original, in-process.

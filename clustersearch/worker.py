@@ -254,9 +254,10 @@ def run_batch(task, payload, source=None, blobs=(), auth=None):
     signer = node_signer()
     if not isinstance(payload, bytes):
         _reject(task_id, node, f"the payload is {type(payload).__name__}, not bytes")
-    if len(payload) > _max_payload():
+    limit = _max_payload()
+    if len(payload) > limit:
         _reject(task_id, node, f"a {len(payload)}-byte payload is over the "
-                f"{_max_payload()}-byte limit ($CLUSTERSEARCH_MAX_PAYLOAD)")  # fmt: skip
+                f"{limit}-byte limit ($CLUSTERSEARCH_MAX_PAYLOAD)")  # fmt: skip
     try:
         refs = [(str(d), str(k)) for d, k in blobs]
     except (TypeError, ValueError):

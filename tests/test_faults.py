@@ -268,6 +268,19 @@ def test_link_cut_longer_than_detection_then_restored(healthy, fault_free):
     assert extra < detection + 2 * FIT_S + capacity + SLACK_S
 
 
+def _restart_broker(net):
+    """The fault: 1.5 s into the search, stop the broker and start it again."""
+
+    def fault(run):
+        run.at(1.5)
+        net.stop_broker()
+        run.stopped_at = time.monotonic()
+        net.start_broker()
+        run.started_at = time.monotonic()
+
+    return fault
+
+
 def test_broker_restart(healthy, fault_free):
     net = healthy
     # A handle that sits idle through the restart: its next search must
@@ -278,14 +291,7 @@ def test_broker_restart(healthy, fault_free):
     )
     assert len(idle.nodes()) == 3
 
-    def fault(run):
-        run.at(1.5)
-        net.stop_broker()
-        run.stopped_at = time.monotonic()
-        net.start_broker()
-        run.started_at = time.monotonic()
-
-    run = Run(net, reconnect_grace=15.0).fit(fault)
+    run = Run(net, reconnect_grace=15.0).fit(_restart_broker(net))
     run.check(fault_free)
     down = run.first("broker-down")
     up = run.first("broker-up")
@@ -347,15 +353,7 @@ def test_broker_restart_with_rpc_results(net, fault_free, tmp_path):
     """
     rpc = NetCluster(tmp_path, n_hosts=3, n_nodes=3, backend="rpc").start()
     try:
-
-        def fault(run):
-            run.at(1.5)
-            rpc.stop_broker()
-            run.stopped_at = time.monotonic()
-            rpc.start_broker()
-            run.started_at = time.monotonic()
-
-        run = Run(rpc, reconnect_grace=15.0).fit(fault)
+        run = Run(rpc, reconnect_grace=15.0).fit(_restart_broker(rpc))
     finally:
         rpc.close()
     run.check(fault_free)
