@@ -50,7 +50,7 @@ from .exceptions import (
     NodeFailureError,
     NoWorkersError,
 )
-from .worker import TASK_NAME, RemoteFailure
+from .worker import STOP_SIGNAL, TASK_NAME, RemoteFailure
 
 __all__ = ["Session"]
 
@@ -655,8 +655,12 @@ class Session:
         return ids
 
     def _back_up_stragglers(self):
-        """When nothing waits, send a straggler's batch to an idle node too."""
-        if self._straggler_factor is None or self._pending or len(self._durations) < 4:
+        """When nothing waits, send a straggler's batch to an idle node too.
+
+        One finished batch is enough to judge by: a node that took work and
+        never ran it (a stuck pool) must not hold up a search of a few fits.
+        """
+        if self._straggler_factor is None or self._pending or not self._durations:
             return
         now = time.monotonic()
         late = max(_STRAGGLER_MIN_S, self._straggler_factor * statistics.median(self._durations))
@@ -769,7 +773,7 @@ class Session:
 
     def _revoke(self, task_ids, terminate=False):
         try:
-            self.app.control.revoke(task_ids, terminate=terminate)
+            self.app.control.revoke(task_ids, terminate=terminate, signal=STOP_SIGNAL)
         except Exception:  # the search ends anyway; nodes drop stale work
             logger.warning("could not revoke %d tasks", len(task_ids), exc_info=True)
 

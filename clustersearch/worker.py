@@ -16,15 +16,18 @@ import io
 import logging
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from celery import Celery
+from celery.signals import worker_process_init
 from celery.worker.control import inspect_command
 
 from . import __version__
@@ -32,13 +35,18 @@ from ._serialization import dumps, loads
 from ._signing import DEFAULT_MAX_AGE_S, MessageRejected, Signer, load_secret
 from ._transport import FILE_BACKEND, RPC_BACKEND, TRANSPORT
 
-__all__ = ["QUEUE_PREFIX", "TASK_NAME", "app_config", "create_app", "queue_for"]
+__all__ = [
+    "QUEUE_PREFIX", "STOP_SIGNAL", "TASK_NAME", "app_config", "create_app", "queue_for",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 TASK_NAME = "clustersearch.run_batch"
 QUEUE_PREFIX = "clustersearch."
 INFO_COMMAND = "clustersearch_info"
+# The signal with which the client stops the fits of a search it gave up
+# (``revoke(terminate=True, signal=STOP_SIGNAL)``); see ``_FitGuard``.
+STOP_SIGNAL = "SIGUSR2"
 
 # How often an idle node looks for new files on the embedded transport. Its
 # default, 1 s, would add up to a second to every task's latency.
@@ -137,6 +145,7 @@ def create_app(broker_url: str, backend_url: str | None = None) -> Celery:
     app = Celery("clustersearch", set_as_current=False)
     app.conf.update(app_config(broker_url, backend_url))
     app.task(name=TASK_NAME, bind=True, shared=False)(run_batch)
+    worker_process_init.connect(_guard_fits, weak=False, dispatch_uid=STOP_SIGNAL)
     return app
 
 
@@ -154,6 +163,61 @@ def _cap_threads():
         _thread_controller = ThreadpoolController()
     limit = int(os.environ.get("CLUSTERSEARCH_THREADS_PER_PROCESS", "1"))
     _thread_controller.limit(limits=limit)
+
+
+class _FitGuard:
+    """Lets STOP_SIGNAL kill a pool process only while it runs a fit.
+
+    A pool process that dies in the pool's own code can take the node down
+    with it: on the embedded transport (billiard's blocking pool) the
+    processes share locks on the pool's pipes, and one killed while it
+    reports a result or reads its next task dies holding a lock that every
+    later process of the node then waits for, forever. A revoke arrives at
+    any moment, so the signal is blocked in the process and a thread of its
+    own takes it: it kills the process at once if a fit is running (as
+    SIGTERM would, a fit in C code included), and drops it otherwise (the
+    fit has finished; the client ignores its result). The lock keeps a fit
+    from finishing while the thread decides.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = False
+        self.pid = None
+
+    def install(self):
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        signum = getattr(signal, STOP_SIGNAL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+        threading.Thread(
+            target=self._take, args=(signum,), name="clustersearch-stop", daemon=True
+        ).start()
+
+    def _take(self, signum):
+        while True:
+            signal.sigwait({signum})
+            with self.lock:
+                if self.running:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextmanager
+    def fit(self):
+        with self.lock:
+            self.running = True
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running = False
+
+
+_fit_guard = _FitGuard()
+
+
+def _guard_fits(**kwargs):
+    _fit_guard.install()
 
 
 class RemoteFailure:
@@ -285,8 +349,9 @@ def run_batch(task, payload, source=None, blobs=(), auth=None):
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
         # client, which prints it there.
-        with parallel_config(backend="sequential"), redirect_stdout(printed):
-            output = batch()
+        with _fit_guard.fit(), parallel_config(backend="sequential"):
+            with redirect_stdout(printed):
+                output = batch()
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise

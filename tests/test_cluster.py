@@ -422,6 +422,81 @@ def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how
     assert sum(search.fits_per_node_.values()) == 18
 
 
+def _pool_processes(cluster):
+    found = {}
+    for name, proc in cluster.processes.items():
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        found[name] = [int(pid) for pid in children]
+    return found
+
+
+@pytest.mark.parametrize("transport", ["embedded", "redis"])
+def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
+    # A revoke reaches a pool process at any moment, also after its fit has
+    # finished: while it reports the result or waits for its next task. On
+    # the embedded transport its pool's processes share locks on the pool's
+    # pipes, and a process killed there died holding one: the node then
+    # answered heartbeats but ran nothing again (a search hung for ever).
+    # Here the signal reaches idle pool processes, which wait for a task
+    # holding such a lock: they must drop it, and the node keep working.
+    import signal
+
+    from clustersearch.worker import STOP_SIGNAL
+
+    kwargs = {} if transport == "embedded" else {"broker_url": REDIS + "/7", "allow_root": True}
+    if transport == "redis":
+        require_servers(REDIS)
+    with LocalCluster(n_workers=1, concurrency=2, **kwargs) as cluster:
+        ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
+        (before,) = _pool_processes(cluster).values()
+        assert len(before) == 2
+        for pid in before:
+            os.kill(pid, getattr(signal, STOP_SIGNAL))
+        time.sleep(0.5)
+        assert _pool_processes(cluster) == {cluster.node_names[0]: before}
+
+        done = []
+        search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster)
+        thread = threading.Thread(target=lambda: done.append(search.fit(X, y)), daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert done, "the node took the search's work but ran none of it"
+        assert sum(search.fits_per_node_.values()) == 18
+
+
+class _FailsOnC2(SVC):
+    """Short fits; those with C=2 raise, which ends an error_score="raise" search."""
+
+    def fit(self, X, y, **kwargs):
+        time.sleep(0.05 if self.C == 2 else 0.02)
+        if self.C == 2:
+            raise ValueError("C=2 fails")
+        return super().fit(X, y, **kwargs)
+
+
+@pytest.mark.slow
+def test_searches_stopped_while_fits_finish_leave_the_node_working():
+    # Each search below ends with an error while the node's two processes
+    # finish and report short fits, so its stop signals land on processes
+    # in every state. Before the stop signal was guarded (_FitGuard), this
+    # left the embedded node unable to run anything within 3 rounds.
+    grid = {"C": [1, 3, 4, 2, 5, 6, 7, 8]}
+    with LocalCluster(n_workers=1, concurrency=2) as cluster:
+        for round_ in range(8):
+            with pytest.raises(ValueError, match="C=2 fails"):
+                ClusterGridSearchCV(
+                    _FailsOnC2(), grid, cv=5, error_score="raise", cluster=cluster
+                ).fit(X, y)
+            done = []
+            search = ClusterGridSearchCV(SVC(), {"C": [1, 2]}, cv=3, cluster=cluster)
+            thread = threading.Thread(target=lambda: done.append(search.fit(X, y)), daemon=True)
+            thread.start()
+            thread.join(timeout=60)
+            assert done, f"the node ran nothing after {round_ + 1} stopped searches"
+
+
 class _Sleeps(SVC):
     """A long fit (3 s), standing for one of hours."""
 
