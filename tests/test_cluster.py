@@ -491,7 +491,9 @@ def test_searches_stopped_while_fits_finish_leave_the_node_working():
                 ).fit(X, y)
             done = []
             search = ClusterGridSearchCV(SVC(), {"C": [1, 2]}, cv=3, cluster=cluster)
-            thread = threading.Thread(target=lambda: done.append(search.fit(X, y)), daemon=True)
+            thread = threading.Thread(
+                target=lambda s=search, d=done: d.append(s.fit(X, y)), daemon=True
+            )
             thread.start()
             thread.join(timeout=60)
             assert done, f"the node ran nothing after {round_ + 1} stopped searches"
