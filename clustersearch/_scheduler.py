@@ -655,12 +655,8 @@ class Session:
         return ids
 
     def _back_up_stragglers(self):
-        """When nothing waits, send a straggler's batch to an idle node too.
-
-        One finished batch is enough to judge by: a node that took work and
-        never ran it (a stuck pool) must not hold up a search of a few fits.
-        """
-        if self._straggler_factor is None or self._pending or not self._durations:
+        """When nothing waits, send a straggler's batch to an idle node too."""
+        if self._straggler_factor is None or self._pending or len(self._durations) < 4:
             return
         now = time.monotonic()
         late = max(_STRAGGLER_MIN_S, self._straggler_factor * statistics.median(self._durations))
