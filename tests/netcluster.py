@@ -77,7 +77,8 @@ def _pid_alive(pid):
     return True
 
 
-def _children(pid):
+def child_pids(pid):
+    """The pids of a process's children (a node's pool processes)."""
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:
@@ -361,7 +362,7 @@ class NetCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def pool_pids(self, host):
-        return _children(self.procs[host].pid)
+        return child_pids(self.procs[host].pid)
 
     def kill_node(self, host):
         """SIGKILL the node: its main process and its pool, all at once."""

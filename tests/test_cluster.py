@@ -423,13 +423,18 @@ def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how
 
 
 def _pool_processes(cluster):
-    found = {}
-    for name, proc in cluster.processes.items():
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        found[name] = [int(pid) for pid in children]
-    return found
+    from netcluster import child_pids
+
+    return {name: child_pids(proc.pid) for name, proc in cluster.processes.items()}
+
+
+def _fits_within(search, seconds):
+    """Whether ``search.fit(X, y)`` returns within ``seconds`` (a hang: False)."""
+    done = []
+    thread = threading.Thread(target=lambda: done.append(search.fit(X, y)), daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    return bool(done)
 
 
 @pytest.mark.parametrize("transport", ["embedded", "redis"])
@@ -439,8 +444,9 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
     # the embedded transport its pool's processes share locks on the pool's
     # pipes, and a process killed there died holding one: the node then
     # answered heartbeats but ran nothing again (a search hung for ever).
-    # Here the signal reaches idle pool processes, which wait for a task
-    # holding such a lock: they must drop it, and the node keep working.
+    # Here the signal reaches idle pool processes: they must drop it (a
+    # SIGTERM killed them and the pool replaced them), and the node keep
+    # working. test_searches_stopped_while_fits_finish_... hits the lock.
     import signal
 
     from clustersearch.worker import STOP_SIGNAL
@@ -457,12 +463,8 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
         time.sleep(0.5)
         assert _pool_processes(cluster) == {cluster.node_names[0]: before}
 
-        done = []
         search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster)
-        thread = threading.Thread(target=lambda: done.append(search.fit(X, y)), daemon=True)
-        thread.start()
-        thread.join(timeout=60)
-        assert done, "the node took the search's work but ran none of it"
+        assert _fits_within(search, 60), "the node took the search's work but ran none of it"
         assert sum(search.fits_per_node_.values()) == 18
 
 
@@ -489,14 +491,10 @@ def test_searches_stopped_while_fits_finish_leave_the_node_working():
                 ClusterGridSearchCV(
                     _FailsOnC2(), grid, cv=5, error_score="raise", cluster=cluster
                 ).fit(X, y)
-            done = []
             search = ClusterGridSearchCV(SVC(), {"C": [1, 2]}, cv=3, cluster=cluster)
-            thread = threading.Thread(
-                target=lambda s=search, d=done: d.append(s.fit(X, y)), daemon=True
+            assert _fits_within(search, 60), (
+                f"the node ran nothing after {round_ + 1} stopped searches"
             )
-            thread.start()
-            thread.join(timeout=60)
-            assert done, f"the node ran nothing after {round_ + 1} stopped searches"
 
 
 class _Sleeps(SVC):
