@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from celery import Celery
+from celery.concurrency import asynpool, prefork
 from celery.signals import worker_process_init
 from celery.worker.control import inspect_command
 
@@ -51,6 +52,34 @@ STOP_SIGNAL = "SIGUSR2"
 # How often an idle node looks for new files on the embedded transport. Its
 # default, 1 s, would add up to a second to every task's latency.
 _FILESYSTEM_POLL_S = 0.005
+
+
+# How often a node's pool looks for pool processes that died (Celery: 5 s).
+POOL_CHECK_S = 0.5
+
+
+class _AsynPool(asynpool.AsynPool):
+    """Celery's event-loop pool, looking for dead processes every POOL_CHECK_S.
+
+    Celery learns that a pool process died when the process's sentinel pipe
+    closes, and then reaps it. A process killed with SIGKILL closes its pipes
+    a moment before the kernel lets it be reaped; when the pool looks in that
+    moment it finds nothing to reap, stops watching the sentinel, and the dead
+    process (and the fit it held) waits for the pool's periodic check. Celery
+    runs that every 5 s; here, in about half the kills of a busy pool process,
+    a lost fit was reported 4-5 s late instead of 0.03 s.
+    """
+
+    @property
+    def timers(self):
+        return {self.maintain_pool: POOL_CHECK_S}
+
+
+class TaskPool(prefork.TaskPool):
+    """Celery's prefork pool (``--pool prefork``) with a faster check for
+    dead processes; nodes use it through the ``worker_pool`` setting."""
+
+    Pool = _AsynPool
 
 
 def queue_for(node: str) -> str:
@@ -114,6 +143,7 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
         # after this wait for a result it might have sent (Celery's default,
         # 10 s, for each lost fit); a result travels in milliseconds.
         worker_lost_wait=1.0,
+        worker_pool=f"{__name__}:TaskPool",
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         result_expires=3600,
