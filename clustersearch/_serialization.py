@@ -7,6 +7,7 @@ inside JSON messages: Celery never unpickles anything; clustersearch does,
 after verifying the signature when a secret is set (``_signing``).
 """
 
+import copyreg
 import io
 import os
 import pickle
@@ -18,6 +19,10 @@ import cloudpickle
 
 __all__ = ["dumps", "dumps_with_blobs", "loads"]
 
+try:  # the wrapper scikit-learn's ``delayed`` puts around every call
+    from sklearn.utils.parallel import _FuncWrapper
+except ImportError:  # pragma: no cover - another scikit-learn
+    _FuncWrapper = None
 
 
 def _installed_roots():
@@ -70,6 +75,16 @@ class _Pickler(cloudpickle.CloudPickler):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.table = table
         self.refs = {}
+
+    def reducer_override(self, obj):
+        # scikit-learn's call wrapper copies its function's attributes onto
+        # itself (functools.update_wrapper), docstring included: 3.4 kB of
+        # _fit_and_score's documentation in every task, 40% of a typical
+        # message. The nodes do not need it.
+        if _FuncWrapper is not None and type(obj) is _FuncWrapper:
+            state = {k: v for k, v in vars(obj).items() if k != "__doc__"}
+            return copyreg.__newobj__, (_FuncWrapper,), state
+        return super().reducer_override(obj)
 
     def persistent_id(self, obj):
         ref = self.table.persistent_id(obj)

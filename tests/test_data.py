@@ -50,11 +50,11 @@ def test_each_node_gets_the_data_once_and_a_second_search_sends_none(cluster):
     # The nodes of one LocalCluster share a cache folder: the data went
     # there once in all, and no more than its size (+10 %) to any node.
     assert dataset <= sum(sent.values()) <= 1.1 * dataset, sent
-    # Task messages carry references, not the data.
+    # Task messages carry references, not the data (a test fold's indices
+    # alone are 10.7 kB), nor _fit_and_score's 3.4 kB docstring, which
+    # scikit-learn's call wrapper copies: 4.9 kB per fit here, 8.3 kB with it.
     messages = sum(first.message_bytes_per_node_.values())
-    tasks = len(first.fits_per_node_)
-    assert messages < 10_000 * 18, first.message_bytes_per_node_
-    assert tasks >= 1
+    assert messages < 6_000 * 18, first.message_bytes_per_node_
 
     second = ClusterGridSearchCV(
         DecisionTreeClassifier(random_state=0), GRID, cv=3, cluster=cluster
