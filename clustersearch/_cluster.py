@@ -54,6 +54,9 @@ class NodeInfo:
         cloudpickle.
     secret : str or None
         A fingerprint of the node's secret (None: it accepts unsigned work).
+    stalled_s : float
+        For how long the node's pool has started no task while one waited and
+        a process was free (0 for a healthy node).
     """
 
     name: str
@@ -65,6 +68,7 @@ class NodeInfo:
     pid: int
     versions: dict = field(default_factory=dict, compare=False)
     secret: str | None = field(default=None, compare=False)
+    stalled_s: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_reply(cls, info: dict) -> "NodeInfo":
@@ -79,6 +83,7 @@ class NodeInfo:
             pid=int(info.get("pid") or 0),
             versions=dict(info.get("versions", {})),
             secret=info.get("secret"),
+            stalled_s=float(info.get("stalled_s") or 0.0),
         )
 
 

@@ -13,7 +13,9 @@ Failures (see ``_recovery``): a heartbeat thread asks every node for its info
 every ``heartbeat_interval``; a node that misses ``missed_heartbeats`` in a row
 is lost: its unfinished work goes to the other nodes, its stale copies are
 revoked and taken out of its queue, and whatever it sends later is ignored
-(results are matched on task ids). A node that answers for the first time (or
+(results are matched on task ids). So is a node that answers but whose pool
+has started nothing for as long while a task waited and a process was free
+(a frozen or deadlocked pool). A node that answers for the first time (or
 again) joins. A batch whose worker process died is sent again, call by call,
 at most ``max_retries`` times. When no batch waits, a batch in flight for
 ``straggler_factor`` times the usual time is also sent to an idle node; the
@@ -75,6 +77,12 @@ _STRAGGLER_MIN_S = 1.0
 
 # While the broker is unreachable, sends are retried this often.
 _BROKER_RETRY_S = 0.5
+
+# A node whose pool starts nothing while a task waits and a process is free
+# (it still answers heartbeats) loses its work after as long as a silent
+# node, but never sooner than this: Celery gives a new pool process 4 s to
+# come up before it replaces it, and a node waits for it meanwhile.
+STALL_FLOOR_S = 10.0
 
 
 class _Work:
@@ -539,8 +547,18 @@ class Session:
                         self._lose_node(
                             name, f"it missed {self._missed[name]} heartbeats in a row"
                         )
+            stall_limit = max(STALL_FLOOR_S, self._missed_heartbeats * self._heartbeat_interval)
             for name, info in answered.items():
-                if name not in self._window:
+                if info.stalled_s >= stall_limit:
+                    # It answers, but its pool starts nothing: as good as lost.
+                    if name in self._window:
+                        self._lose_node(
+                            name,
+                            f"its pool started no task for {info.stalled_s:.1f} s while "
+                            "a process was free; restart the node",
+                            stalled_s=info.stalled_s,
+                        )
+                elif name not in self._window:
                     self._add_node(info)
 
     def _add_node(self, info):
@@ -565,7 +583,7 @@ class Session:
         logger.warning("node %r joined the search", name)
         self._event("joined", name, again=name in self.lost_nodes)
 
-    def _lose_node(self, name, reason):
+    def _lose_node(self, name, reason, **info):
         """Take ``name`` out of the rotation and send its work elsewhere."""
         now = time.monotonic()
         logger.warning("node %r is lost (%s): rerouting its work", name, reason)
@@ -587,7 +605,8 @@ class Session:
             if not self._window and self._no_nodes_since is None:
                 self._no_nodes_since = now
         self._event(
-            "lost", name, silent_s=now - self._last_seen.get(name, now), rerouted=len(stale)
+            "lost", name, silent_s=now - self._last_seen.get(name, now), rerouted=len(stale),
+            **info,
         )
         if stale:
             self._revoke(stale, terminate=True)

@@ -439,11 +439,47 @@ def node_info(hostname: str | None, queues: list[str], concurrency: int) -> dict
     }
 
 
+class _PoolWatch:
+    """How long a node's pool has started nothing while it could.
+
+    A node whose pool is stuck (a pool process frozen before it took its
+    task, or one that died holding a lock of the pool, as SIGTERM could do on
+    the embedded transport) still answers heartbeats from its main process,
+    so it does not look lost, yet its work never starts. Each heartbeat
+    reports for how long, at every heartbeat since, a task has waited while
+    a pool process was free and no task has started; the client takes work
+    away from a node stalled as long as it would from a silent one.
+    """
+
+    def __init__(self):
+        self._since = None
+        self._started = None
+
+    def stalled_s(self, limit: int) -> float:
+        from celery.worker import state
+
+        waiting = [r for r in list(state.reserved_requests) if r.time_start is None]
+        running = len(state.active_requests)
+        started = state.all_total_count[0]
+        now = time.monotonic()
+        if not waiting or running >= limit:
+            self._since = None
+            return 0.0
+        if self._since is None or started != self._started:
+            self._since, self._started = now, started
+        return now - self._since
+
+
+_pool_watch = _PoolWatch()
+
+
 @inspect_command(name=INFO_COMMAND)
 def _clustersearch_info(state):
     consumer = state.consumer
     queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
-    return node_info(consumer.hostname, queues, consumer.pool.limit)
+    info = node_info(consumer.hostname, queues, consumer.pool.limit)
+    info["stalled_s"] = _pool_watch.stalled_s(consumer.pool.limit)
+    return info
 
 
 # ``celery -A clustersearch.worker worker`` looks up ``app`` here; it is built

@@ -379,6 +379,12 @@ class NetCluster:
         self.dirty.add(host)
         os.kill(pid, signal.SIGKILL)
 
+    def freeze_pool_process(self, host, pid):
+        """SIGSTOP one pool process of ``host``: its pool is stuck, its node answers."""
+        assert pid in self.pool_pids(host), (pid, self.pool_pids(host))
+        self.dirty.add(host)
+        os.kill(pid, signal.SIGSTOP)
+
     def cut_link(self, host):
         self.dirty.add(host)
         _run("ip", "link", "set", self.veth[host], "down")

@@ -24,6 +24,7 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 from clustersearch import Cluster, ClusterGridSearchCV
+from clustersearch._scheduler import STALL_FLOOR_S
 from clustersearch.worker import POOL_CHECK_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.slow]
@@ -345,6 +346,37 @@ def test_a_straggler(healthy):
     late = max([e["late_s"] for e in backups], default=1.0)
     extra = _report("straggler (10% CPU)", run, reference, backup_after=late, backups=len(backups))
     assert extra < late + 4 * BURN_S + SLACK_S
+
+
+@pytest.mark.timeout(120)  # without stall detection the search never ends
+def test_a_node_whose_pool_is_stuck(healthy, fault_free):
+    """A node that answers heartbeats but whose pool starts nothing.
+
+    host1's only pool process is frozen (SIGSTOP) before the search: the
+    node takes its share of the work and never starts it. It loses that work
+    after STALL_FLOOR_S (10 s; a silent node's limit is 1 s here).
+    """
+    net = healthy
+    (pid,) = net.pool_pids("host1")
+    net.freeze_pool_process("host1", pid)
+
+    # No straggler backups: they would rescue its batches once 4 have
+    # finished elsewhere, which a search of few batches never sees.
+    run = Run(net, straggler_factor=1e6).fit()
+    run.check(fault_free)
+    assert not [e for e in run.events if e["event"] == "straggler"], run.events
+    lost = run.first("lost", "host1")
+    assert lost["rerouted"] >= 1, lost
+    assert not [e for e in run.events if e["event"] == "lost" and e["node"] != "host1"]
+    assert not run.search.fits_per_node_.get("host1"), run.search.fits_per_node_
+    # Lost at the first heartbeat that saw it stalled for STALL_FLOOR_S (the
+    # stall is timed from the first heartbeat that saw it).
+    stalled = lost["stalled_s"]
+    assert STALL_FLOOR_S <= stalled < STALL_FLOOR_S + 2 * HEARTBEAT["heartbeat_interval"]
+    detection = lost["t"] - run.start
+    _report("pool frozen (SIGSTOP)", run, fault_free, stalled_when_lost=stalled, detection=detection)
+    # Its batches run after detection, on the other two nodes.
+    assert run.wall < detection + 2 * FIT_S + SLACK_S
 
 
 def test_broker_restart_with_rpc_results(net, fault_free, tmp_path):
