@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REDIS, assert_ran_on_workers, require_servers
+from conftest import REDIS, assert_ran_on_workers, assert_same_results, require_servers
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.datasets import load_iris, make_classification
@@ -466,6 +466,40 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
         search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster)
         assert _fits_within(search, 60), "the node took the search's work but ran none of it"
         assert sum(search.fits_per_node_.values()) == 18
+
+
+class _SleepsAWhile(SVC):
+    def fit(self, X, y, **kwargs):
+        time.sleep(0.2)
+        return super().fit(X, y, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)  # without stall detection the search never ends
+def test_a_node_whose_pool_is_stuck_loses_its_work():
+    # The embedded transport's blocking pool, where a pool deadlock hung a
+    # search before (see above): a node whose only pool process is frozen
+    # still answers heartbeats; it takes work and starts none of it. The
+    # client takes that work away once the node reports 10 s of stall
+    # (STALL_FLOOR_S); with straggler backups off nothing else rescues it.
+    import signal
+
+    kwargs = dict(heartbeat_interval=0.5, missed_heartbeats=2, straggler_factor=1e6)
+    with LocalCluster(n_workers=2, concurrency=1, **kwargs) as cluster:
+        frozen = cluster.node_names[0]
+        (pid,) = _pool_processes(cluster)[frozen]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            search = ClusterGridSearchCV(_SleepsAWhile(), GRID, cv=3, cluster=cluster)
+            search.fit(X, y)
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert search.fits_per_node_ == {cluster.node_names[1]: 18}, search.fits_per_node_
+        assert took >= 10.0, took  # the frozen node did hold work for 10 s
+        expected = GridSearchCV(_SleepsAWhile(), GRID, cv=3).fit(X, y)
+        assert_same_results(search, expected)
 
 
 class _FailsOnC2(SVC):
