@@ -65,6 +65,39 @@ def test_each_node_gets_the_data_once_and_a_second_search_sends_none(cluster):
     assert_same_results(second, expected)
 
 
+def test_a_task_message_does_not_grow_with_the_grid(monkeypatch):
+    # scikit-learn (>= 1.9) gives every _fit_and_score call a callback
+    # context whose parent maps the contexts of all the search's fits; sent
+    # whole, a one-fit message grew by 85 bytes per fit of the search
+    # (116 kB per message at 1,200 fits). joblib's first batches hold one
+    # call each: compare those of a 30-fit and a 1,200-fit search.
+    import clustersearch._scheduler as scheduler
+
+    sizes = []
+
+    def recording(func, table):
+        payload, refs = dumps_with_blobs(func, table)
+        if len(func) == 1:
+            sizes[-1].append(len(payload))
+        return payload, refs
+
+    monkeypatch.setattr(scheduler, "dumps_with_blobs", recording)
+    X, y = _data(seed=3, n=300, d=5)
+    with LocalCluster(n_workers=2) as cluster:
+        for n_candidates in (10, 400):
+            sizes.append([])
+            grid = {"min_samples_leaf": list(range(1, n_candidates + 1))}
+            search = ClusterGridSearchCV(
+                DecisionTreeClassifier(random_state=0), grid, cv=3, cluster=cluster
+            ).fit(X, y)
+            assert sum(search.fits_per_node_.values()) == 3 * n_candidates
+    small, large = sizes
+    assert small and large, sizes
+    # The search itself travels in every task (scikit-learn's caller=self),
+    # its param_grid too: 0.9 kB more for the 400-value grid. Not 100 kB.
+    assert max(large) < min(small) + 2_000, (small[:5], large[:5])
+
+
 def test_processes_of_one_node_share_one_copy():
     X, y = _data(seed=5)
     with LocalCluster(n_workers=1, concurrency=2) as cluster:
