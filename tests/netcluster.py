@@ -319,6 +319,9 @@ class NetCluster:
     def start_node(self, host, *, wait=True):
         cmd = [
             "ip", "netns", "exec", self.netns[host],
+            # A host name of its own, too (a UTS namespace): node info, and
+            # what clustersearch decides from it, see another machine.
+            "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', host,
             sys.executable, "-m", "clustersearch", "worker",
             "--broker", self.broker_url(host_side=False),
             "--backend", self.backend_url(host_side=False),
