@@ -7,6 +7,8 @@ builds ``cv_results_`` and refits ``best_estimator_`` in the client.
 """
 
 
+import socket
+
 import numpy as np
 from joblib import parallel_config
 from joblib.parallel import get_active_backend
@@ -22,7 +24,7 @@ from sklearn.model_selection import (
 from ._backend import ClusterBackend
 from ._cluster import Cluster, resolve_cluster
 from ._serialization import dumps
-from .exceptions import NotPicklableError
+from .exceptions import CallbackNotSupportedError, NotPicklableError
 
 __all__ = [
     "ClusterGridSearchCV",
@@ -79,6 +81,7 @@ class _ClusterSearchMixin:
         cluster = resolve_cluster(self.cluster)
         _check_picklable(self, params)
         with cluster.session(verbose=self.verbose) as session:
+            _check_callbacks(self, session.nodes.values())
             # Only the search's own Parallel goes to the cluster; the refit
             # (and anything else in the client) stays local.
             with parallel_config(backend=ClusterBackend(session, first_only=True)):
@@ -118,6 +121,39 @@ def _traffic_summary(session):
         + (f" ({per_node})" if per_node else " (the nodes had it cached)")
         + f"; {tasks} task messages, {message_bytes / max(tasks, 1) / 1e3:.1f} kB each"
     )
+
+
+def _check_callbacks(search, nodes):
+    """Refuse scikit-learn callbacks that the nodes could not report back.
+
+    A callback's copy in a worker reports to the client over a local socket
+    (``sklearn.callback``): a node on another machine cannot reach it, and
+    every fit there would fail inside the callback (an ``error_score`` entry,
+    or the search's end). Nodes on this machine reach it.
+    """
+    owners = [("the search", search)] + [
+        (f"the parameter {name}", value)
+        for name, value in search.get_params(deep=True).items()
+        if not isinstance(value, type)
+    ]  # fmt: skip
+    found = [
+        (where, type(cb).__name__)
+        for where, obj in owners
+        for cb in getattr(obj, "_skl_callbacks", None) or ()
+    ]
+    if not found:
+        return
+    here = socket.gethostname()
+    remote = [n for n in nodes if n.host != here]
+    if remote:
+        where, name = found[0]
+        node = remote[0]
+        raise CallbackNotSupportedError(
+            f"{name} (a scikit-learn callback on {where}) reports to this process "
+            f"over a local socket, which node {node.name!r} on host {node.host!r} "
+            "cannot reach. Remove the callbacks (set_callbacks() with no argument), "
+            "or run the nodes on this machine (LocalCluster)"
+        )
 
 
 def _check_picklable(search, fit_params):

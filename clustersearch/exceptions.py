@@ -7,6 +7,7 @@ Errors cross the broker, so each one pickles with its message intact.
 
 __all__ = [
     "BrokerUnreachableError",
+    "CallbackNotSupportedError",
     "ClusterSearchError",
     "NoWorkersError",
     "NodeFailureError",
@@ -29,6 +30,10 @@ class ClusterSearchError(Exception):
 
 class BrokerUnreachableError(ClusterSearchError, ConnectionError):
     """The broker or the result backend did not accept a connection."""
+
+
+class CallbackNotSupportedError(ClusterSearchError, ValueError):
+    """A scikit-learn callback whose copies on the nodes could not report back."""
 
 
 class NoWorkersError(ClusterSearchError, TimeoutError):

@@ -468,6 +468,28 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
         assert sum(search.fits_per_node_.values()) == 18
 
 
+def test_scikit_learn_callbacks_report_back_from_nodes_on_this_machine():
+    # Callbacks (scikit-learn >= 1.9) send what they see from the worker
+    # processes to the client over a local socket: nodes on this machine
+    # reach it. (Nodes on other machines cannot: refused, test_faults.)
+    from sklearn.callback import ScoringMonitor
+
+    grid = {"C": [0.1, 1, 10]}
+    local, remote = ScoringMonitor(scoring="accuracy"), ScoringMonitor(scoring="accuracy")
+    expected = GridSearchCV(LogisticRegression().set_callbacks(local), grid, cv=3).fit(X, y)
+    with LocalCluster(n_workers=2) as cluster:
+        search = ClusterGridSearchCV(
+            LogisticRegression().set_callbacks(remote), grid, cv=3, cluster=cluster
+        ).fit(X, y)
+        assert_ran_on_workers(search, cluster, 9)
+    assert_same_results(search, expected)
+    rows = sorted(
+        (r["task_id_path"], r["accuracy"]) for r in remote.get_logs().data
+    )  # fmt: skip
+    assert rows == sorted((r["task_id_path"], r["accuracy"]) for r in local.get_logs().data)
+    assert len(rows) > 9
+
+
 class _SleepsAWhile(SVC):
     def fit(self, X, y, **kwargs):
         time.sleep(0.2)

@@ -25,6 +25,7 @@ from sklearn.ensemble import RandomForestClassifier
 
 from clustersearch import Cluster, ClusterGridSearchCV
 from clustersearch._scheduler import STALL_FLOOR_S
+from clustersearch.exceptions import CallbackNotSupportedError
 from clustersearch.worker import POOL_CHECK_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.slow]
@@ -346,6 +347,26 @@ def test_a_straggler(healthy):
     late = max([e["late_s"] for e in backups], default=1.0)
     extra = _report("straggler (10% CPU)", run, reference, backup_after=late, backups=len(backups))
     assert extra < late + 4 * BURN_S + SLACK_S
+
+
+def test_callbacks_are_refused_when_nodes_are_other_machines(healthy):
+    # Each node has a host name of its own here. A scikit-learn callback's
+    # copies on the nodes would report to a local socket of this machine
+    # that they cannot reach: every fit would fail inside the callback.
+    from sklearn.callback import ScoringMonitor
+
+    cluster = healthy.cluster()
+    try:
+        assert {n.host for n in cluster.nodes()} == {"host1", "host2", "host3"}
+        from sklearn.linear_model import LogisticRegression
+
+        estimator = LogisticRegression().set_callbacks(ScoringMonitor(scoring="accuracy"))
+        search = ClusterGridSearchCV(estimator, {"C": [0.1, 1]}, cv=3, cluster=cluster)
+        with pytest.raises(CallbackNotSupportedError, match=r"ScoringMonitor .* local socket, which node 'host\d' on host 'host\d'"):
+            search.fit(X, y)
+        assert not hasattr(search, "fits_per_node_")
+    finally:
+        cluster.close()
 
 
 @pytest.mark.timeout(120)  # without stall detection the search never ends
