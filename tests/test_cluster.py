@@ -476,10 +476,10 @@ def test_scikit_learn_callbacks_report_back_from_nodes_on_this_machine():
 
     grid = {"C": [0.1, 1, 10]}
     local, remote = ScoringMonitor(scoring="accuracy"), ScoringMonitor(scoring="accuracy")
-    expected = GridSearchCV(LogisticRegression().set_callbacks(local), grid, cv=3).fit(X, y)
+    expected = GridSearchCV(LogisticRegression(max_iter=1000).set_callbacks(local), grid, cv=3).fit(X, y)
     with LocalCluster(n_workers=2) as cluster:
         search = ClusterGridSearchCV(
-            LogisticRegression().set_callbacks(remote), grid, cv=3, cluster=cluster
+            LogisticRegression(max_iter=1000).set_callbacks(remote), grid, cv=3, cluster=cluster
         ).fit(X, y)
         assert_ran_on_workers(search, cluster, 9)
     assert_same_results(search, expected)
