@@ -139,9 +139,12 @@ def app_config(broker_url: str, backend_url: str | None = None) -> dict:
         # redeliver either way.
         task_acks_late=urlparse(broker_url).scheme == "filesystem",
         worker_prefetch_multiplier=1,
-        # A pool process that dies (OOM killer, SIGKILL) fails its fit only
-        # after this wait for a result it might have sent (Celery's default,
-        # 10 s, for each lost fit); a result travels in milliseconds.
+        # The embedded transport's blocking pool fails the fit of a pool
+        # process that died (OOM killer, SIGKILL) only after this wait for a
+        # result it might have sent (Celery's default, 10 s, for each lost
+        # fit); a result travels in milliseconds. The event-loop pool of the
+        # other transports fails it as soon as it reaps the process, which
+        # TaskPool looks for every POOL_CHECK_S.
         worker_lost_wait=1.0,
         worker_pool=f"{__name__}:TaskPool",
         task_create_missing_queues=True,
@@ -458,7 +461,7 @@ class _PoolWatch:
     def stalled_s(self, limit: int) -> float:
         from celery.worker import state
 
-        waiting = [r for r in list(state.reserved_requests) if r.time_start is None]
+        waiting = any(r.time_start is None for r in list(state.reserved_requests))
         running = len(state.active_requests)
         started = state.all_total_count[0]
         now = time.monotonic()
