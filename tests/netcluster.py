@@ -378,15 +378,16 @@ class NetCluster:
 
     def kill_pool_process(self, host, pid):
         """SIGKILL one pool process of ``host`` (as the kernel's OOM killer would)."""
-        assert pid in self.pool_pids(host), (pid, self.pool_pids(host))
-        self.dirty.add(host)
-        os.kill(pid, signal.SIGKILL)
+        self._signal_pool_process(host, pid, signal.SIGKILL)
 
     def freeze_pool_process(self, host, pid):
         """SIGSTOP one pool process of ``host``: its pool is stuck, its node answers."""
+        self._signal_pool_process(host, pid, signal.SIGSTOP)
+
+    def _signal_pool_process(self, host, pid, signum):
         assert pid in self.pool_pids(host), (pid, self.pool_pids(host))
         self.dirty.add(host)
-        os.kill(pid, signal.SIGSTOP)
+        os.kill(pid, signum)
 
     def cut_link(self, host):
         self.dirty.add(host)

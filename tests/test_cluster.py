@@ -490,12 +490,6 @@ def test_scikit_learn_callbacks_report_back_from_nodes_on_this_machine():
     assert len(rows) > 9
 
 
-class _SleepsAWhile(SVC):
-    def fit(self, X, y, **kwargs):
-        time.sleep(0.2)
-        return super().fit(X, y, **kwargs)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(120)  # without stall detection the search never ends
 def test_a_node_whose_pool_is_stuck_loses_its_work():
@@ -556,9 +550,15 @@ def test_searches_stopped_while_fits_finish_leave_the_node_working():
 class _Sleeps(SVC):
     """A long fit (3 s), standing for one of hours."""
 
+    seconds = 3.0
+
     def fit(self, X, y, **kwargs):
-        time.sleep(3.0)
+        time.sleep(self.seconds)
         return super().fit(X, y, **kwargs)
+
+
+class _SleepsAWhile(_Sleeps):
+    seconds = 0.2
 
 
 def _unacknowledged(transport, cluster):

@@ -354,12 +354,11 @@ def test_callbacks_are_refused_when_nodes_are_other_machines(healthy):
     # copies on the nodes would report to a local socket of this machine
     # that they cannot reach: every fit would fail inside the callback.
     from sklearn.callback import ScoringMonitor
+    from sklearn.linear_model import LogisticRegression
 
     cluster = healthy.cluster()
     try:
         assert {n.host for n in cluster.nodes()} == {"host1", "host2", "host3"}
-        from sklearn.linear_model import LogisticRegression
-
         estimator = LogisticRegression().set_callbacks(ScoringMonitor(scoring="accuracy"))
         search = ClusterGridSearchCV(estimator, {"C": [0.1, 1]}, cv=3, cluster=cluster)
         with pytest.raises(CallbackNotSupportedError, match=r"ScoringMonitor .* local socket, which node 'host\d' on host 'host\d'"):
