@@ -3,17 +3,19 @@
 Swap ``GridSearchCV`` for :class:`ClusterGridSearchCV` and the same search
 runs on every node of the cluster, with the ``cv_results_`` scikit-learn
 would give.
+
+The package is layered along the process boundary: :mod:`clustersearch.wire`
+(what both sides share), :mod:`clustersearch.client` (the handles and the
+dispatcher), :mod:`clustersearch.node` (what a worker runs), and the
+estimators on top. The public names below load on first use, so that a
+node (``import clustersearch.worker``) never loads the client.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from ._cluster import Cluster, LocalCluster, NodeInfo  # noqa: E402
-from ._search import (  # noqa: E402
-    ClusterGridSearchCV,
-    ClusterHalvingGridSearchCV,
-    ClusterHalvingRandomSearchCV,
-    ClusterRandomizedSearchCV,
-)
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
 
 __all__ = [
     "Cluster",
@@ -23,5 +25,44 @@ __all__ = [
     "ClusterRandomizedSearchCV",
     "LocalCluster",
     "NodeInfo",
+    "Policy",
     "__version__",
 ]
+
+# public name -> the module that defines it
+_WHERE = {
+    "Cluster": ".client.cluster",
+    "NodeInfo": ".client.cluster",
+    "LocalCluster": ".client.local",
+    "Policy": ".client.policy",
+    "ClusterGridSearchCV": "._search",
+    "ClusterHalvingGridSearchCV": "._search",
+    "ClusterHalvingRandomSearchCV": "._search",
+    "ClusterRandomizedSearchCV": "._search",
+}
+
+if TYPE_CHECKING:
+    from ._search import (
+        ClusterGridSearchCV,
+        ClusterHalvingGridSearchCV,
+        ClusterHalvingRandomSearchCV,
+        ClusterRandomizedSearchCV,
+    )
+    from .client.cluster import Cluster, NodeInfo
+    from .client.local import LocalCluster
+    from .client.policy import Policy
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clustersearch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

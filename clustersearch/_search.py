@@ -11,7 +11,6 @@ import socket
 
 import numpy as np
 from joblib import parallel_config
-from joblib.parallel import get_active_backend
 from sklearn import get_config
 from sklearn.experimental import enable_halving_search_cv  # noqa: F401
 from sklearn.model_selection import (
@@ -21,10 +20,11 @@ from sklearn.model_selection import (
     RandomizedSearchCV,
 )
 
-from ._backend import ClusterBackend
-from ._cluster import Cluster, resolve_cluster
-from ._serialization import dumps
+from ._compat import get_active_backend
+from .client.backend import ClusterBackend
+from .client.cluster import Cluster, resolve_cluster
 from .exceptions import CallbackNotSupportedError, NotPicklableError
+from .wire.serialization import dumps
 
 __all__ = [
     "ClusterGridSearchCV",
@@ -80,7 +80,10 @@ class _ClusterSearchMixin:
             self._validate_params()
         cluster = resolve_cluster(self.cluster)
         _check_picklable(self, params)
-        with cluster.session(verbose=self.verbose) as session:
+        # scikit-learn passes the search itself to every fit, for callbacks
+        # only: without callbacks it stays here (its cv may be a generator).
+        drop = None if _has_callbacks(self) else self
+        with cluster.session(verbose=self.verbose, drop=drop) as session:
             _check_callbacks(self, session.nodes.values())
             # Only the search's own Parallel goes to the cluster; the refit
             # (and anything else in the client) stays local.
@@ -123,6 +126,25 @@ def _traffic_summary(session):
     )
 
 
+def _callbacks(search):
+    """``(where, callback class name)`` of every scikit-learn callback set on
+    the search or its parameters."""
+    owners = [("the search", search)] + [
+        (f"the parameter {name}", value)
+        for name, value in search.get_params(deep=True).items()
+        if not isinstance(value, type)
+    ]  # fmt: skip
+    return [
+        (where, type(cb).__name__)
+        for where, obj in owners
+        for cb in getattr(obj, "_skl_callbacks", None) or ()
+    ]
+
+
+def _has_callbacks(search):
+    return bool(_callbacks(search))
+
+
 def _check_callbacks(search, nodes):
     """Refuse scikit-learn callbacks that the nodes could not report back.
 
@@ -131,16 +153,7 @@ def _check_callbacks(search, nodes):
     every fit there would fail inside the callback (an ``error_score`` entry,
     or the search's end). Nodes on this machine reach it.
     """
-    owners = [("the search", search)] + [
-        (f"the parameter {name}", value)
-        for name, value in search.get_params(deep=True).items()
-        if not isinstance(value, type)
-    ]  # fmt: skip
-    found = [
-        (where, type(cb).__name__)
-        for where, obj in owners
-        for cb in getattr(obj, "_skl_callbacks", None) or ()
-    ]
+    found = _callbacks(search)
     if not found:
         return
     here = socket.gethostname()
@@ -156,18 +169,23 @@ def _check_callbacks(search, nodes):
         )
 
 
+# Parameters of a search that never leave the client: the splitter (the
+# client splits; a generator cv is fine), the refit callable, the cluster.
+_STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose"}
+
+
 def _check_picklable(search, fit_params):
     """Name what cannot travel to the nodes, before anything is sent.
 
-    Each task carries the search itself (scikit-learn passes ``caller=self``
-    to every fit), so every parameter must pickle, as must the fit params.
+    A task carries a clone of the estimator with a candidate's parameters,
+    the scorers, ``error_score`` and the fit params; with scikit-learn
+    callbacks set, the search itself too.
     """
-    try:
-        dumps(search)
-    except Exception:
-        for name, value in search.get_params(deep=False).items():
-            _raise_if_unpicklable(name, value)
-        raise
+    travels = search.get_params(deep=False)
+    if not _has_callbacks(search):
+        travels = {k: v for k, v in travels.items() if k not in _STAYS_HERE}
+    for name, value in travels.items():
+        _raise_if_unpicklable(name, value)
     for name, value in fit_params.items():
         if not isinstance(value, np.ndarray):
             _raise_if_unpicklable(f"fit parameter {name}", value)

@@ -4,6 +4,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -41,6 +42,10 @@ def _parser():
                         help="file holding the secret shared with the clients "
                         "(default: $CLUSTERSEARCH_SECRET or $CLUSTERSEARCH_SECRET_FILE); "
                         "with it, the node runs only work signed with that secret")
+    worker.add_argument("--threads-per-process", type=int, default=None,
+                        help="BLAS/OpenMP threads per fit (default: CPU cores / concurrency)")
+    worker.add_argument("--max-payload", default=os.environ.get("CLUSTERSEARCH_MAX_PAYLOAD"),
+                        help="refuse task payloads larger than this, unread (default 64MiB)")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
 
@@ -69,7 +74,7 @@ def _check_security(args):
     """Load the secret; refuse or warn where the broker is open to others."""
     from urllib.parse import urlparse
 
-    from ._signing import load_secret
+    from .wire.signing import load_secret
 
     if args.secret_file:
         path = os.path.abspath(args.secret_file)
@@ -77,9 +82,6 @@ def _check_security(args):
             secret = load_secret(secret_file=path)
         except (OSError, ValueError) as exc:
             sys.exit(f"clustersearch worker: --secret-file {path}: {exc}")
-        # The pool's processes read it from there (see worker.node_signer).
-        os.environ.pop("CLUSTERSEARCH_SECRET", None)
-        os.environ["CLUSTERSEARCH_SECRET_FILE"] = path
     else:
         try:
             secret = load_secret()
@@ -118,11 +120,12 @@ def _run_worker(args):
                 "user: start the node as an unprivileged user, or pass "
                 "--allow-root (or set C_FORCE_ROOT=1) if you accept that."
             )
-    _check_security(args)
+    secret = _check_security(args)
     concurrency = args.concurrency if args.concurrency is not None else os.cpu_count() or 1
     if concurrency < 1:
         sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
-    from ._blobs import DEFAULT_CACHE_BYTES, default_cache_dir, parse_size
+    from .node.settings import NodeSettings
+    from .wire.blobs import DEFAULT_CACHE_BYTES, default_cache_dir, parse_size
 
     try:
         cache_bytes = parse_size(args.cache_size) if args.cache_size else DEFAULT_CACHE_BYTES
@@ -133,17 +136,29 @@ def _run_worker(args):
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as exc:
         sys.exit(f"clustersearch worker: cannot use --cache-dir {cache_dir}: {exc}")
-    # The pool's processes read these (see worker.node_cache).
-    os.environ["CLUSTERSEARCH_CACHE_DIR"] = cache_dir
-    os.environ["CLUSTERSEARCH_CACHE_BYTES"] = str(cache_bytes)
-    threads = str(max(1, (os.cpu_count() or 1) // concurrency))
-    os.environ.setdefault("CLUSTERSEARCH_THREADS_PER_PROCESS", threads)
+    threads = args.threads_per_process or max(1, (os.cpu_count() or 1) // concurrency)
+    # Native thread pools read these when they load (threadpoolctl caps them
+    # again in each fit).
     for var in _THREAD_VARS:
-        os.environ.setdefault(var, threads)
+        os.environ.setdefault(var, str(threads))
+    try:
+        defaults = NodeSettings.from_environ()
+        max_payload = parse_size(args.max_payload) if args.max_payload else defaults.max_payload
+    except (OSError, ValueError) as exc:
+        sys.exit(f"clustersearch worker: {exc}")
+    settings = NodeSettings(
+        cache_dir=Path(cache_dir),
+        cache_bytes=cache_bytes,
+        threads_per_process=threads,
+        max_payload=max_payload,
+        max_age_s=defaults.max_age_s,
+        secret=secret,
+    )
 
-    from .worker import create_app, queue_for
+    from .node.app import create_node_app
+    from .wire.protocol import queue_for
 
-    app = create_app(args.broker, args.backend)
+    app = create_node_app(args.broker, args.backend, settings)
     app.worker_main([
         "worker",
         "--queues", queue_for(args.name),
@@ -157,7 +172,7 @@ def _run_worker(args):
 
 
 def _run_nodes(args):
-    from ._cluster import Cluster
+    from .client.cluster import Cluster
 
     with Cluster(args.broker, args.backend, discovery_timeout=args.timeout) as cluster:
         nodes = cluster.nodes()

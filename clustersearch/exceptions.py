@@ -6,12 +6,15 @@ Errors cross the broker, so each one pickles with its message intact.
 """
 
 __all__ = [
+    "BlobError",
     "BrokerUnreachableError",
     "CallbackNotSupportedError",
     "ClusterSearchError",
+    "ConfigurationError",
     "NoWorkersError",
     "NodeFailureError",
     "NodeStartupError",
+    "MessageRejected",
     "NotPicklableError",
     "RemoteTraceback",
     "SecretMismatchError",
@@ -34,6 +37,10 @@ class BrokerUnreachableError(ClusterSearchError, ConnectionError):
 
 class CallbackNotSupportedError(ClusterSearchError, ValueError):
     """A scikit-learn callback whose copies on the nodes could not report back."""
+
+
+class ConfigurationError(ClusterSearchError, ValueError):
+    """A setting is invalid: a policy value, a secret, a size."""
 
 
 class NoWorkersError(ClusterSearchError, TimeoutError):
@@ -73,3 +80,12 @@ class VersionMismatchError(ClusterSearchError, RuntimeError):
 
 class SecretMismatchError(ClusterSearchError, PermissionError):
     """A node and the client do not hold the same secret (or one has none)."""
+
+
+class MessageRejected(ClusterSearchError, PermissionError):
+    """A message failed verification (signature, age, replay, size); nothing
+    in it was unpickled."""
+
+
+class BlobError(ClusterSearchError, RuntimeError):
+    """A node could not fetch data (a blob) from the client."""

@@ -325,12 +325,11 @@ class NetCluster:
             sys.executable, "-m", "clustersearch", "worker",
             "--broker", self.broker_url(host_side=False),
             "--backend", self.backend_url(host_side=False),
-            "--name", host, "--concurrency", "1",
+            "--name", host, "--concurrency", "1", "--threads-per-process", "1",
             "--loglevel", "WARNING", "--allow-root",
             "--secret-file", str(self.secret_file),
         ]  # fmt: skip
         env = dict(os.environ)
-        env["CLUSTERSEARCH_THREADS_PER_PROCESS"] = "1"
         env["CLUSTERSEARCH_TEST_MARKERS"] = str(self.markers)
         with open(self.workdir / f"{host}.log", "ab") as log:
             self.procs[host] = subprocess.Popen(

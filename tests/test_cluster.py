@@ -449,7 +449,7 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
     # working. test_searches_stopped_while_fits_finish_... hits the lock.
     import signal
 
-    from clustersearch.worker import STOP_SIGNAL
+    from clustersearch.wire.protocol import STOP_SIGNAL
 
     kwargs = {} if transport == "embedded" else {"broker_url": REDIS + "/7", "allow_root": True}
     if transport == "redis":

@@ -13,13 +13,10 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.tree import DecisionTreeClassifier
 
 from clustersearch import ClusterGridSearchCV, LocalCluster
-from clustersearch._blobs import (
-    MIN_BLOB_BYTES,
-    BlobTable,
-    NodeCache,
-    parse_size,
-)
-from clustersearch._serialization import dumps_with_blobs
+from clustersearch.client.blobs import BlobTable
+from clustersearch.node.cache import NodeCache
+from clustersearch.wire.blobs import MIN_BLOB_BYTES, parse_size
+from clustersearch.wire.serialization import dumps_with_blobs
 
 
 def _data(seed, n=4000, d=40):
@@ -71,12 +68,12 @@ def test_a_task_message_does_not_grow_with_the_grid(monkeypatch):
     # whole, a one-fit message grew by 85 bytes per fit of the search
     # (116 kB per message at 1,200 fits). joblib's first batches hold one
     # call each: compare those of a 30-fit and a 1,200-fit search.
-    import clustersearch._scheduler as scheduler
+    import clustersearch.client.session as scheduler
 
     sizes = []
 
-    def recording(func, table):
-        payload, refs = dumps_with_blobs(func, table)
+    def recording(func, table, drop=None):
+        payload, refs = dumps_with_blobs(func, table, drop)
         if len(func) == 1:
             sizes[-1].append(len(payload))
         return payload, refs
@@ -118,12 +115,13 @@ def test_processes_of_one_node_share_one_copy():
 class Damaging(ClassifierMixin, BaseEstimator):
     """A classifier whose fit, on a node, can damage the node's data cache."""
 
-    def __init__(self, damage="none", delay=0.05):
+    def __init__(self, damage="none", delay=0.05, cache_dir=None):
         self.damage = damage
         self.delay = delay
+        self.cache_dir = cache_dir
 
     def fit(self, X, y):
-        cache = os.environ.get("CLUSTERSEARCH_CACHE_DIR")
+        cache = self.cache_dir
         if cache and self.damage != "none":
             for path in Path(cache).glob("*.npy"):
                 if self.damage == "wipe":
@@ -156,7 +154,8 @@ def test_a_damaged_cache_is_fetched_again_not_a_failed_fit(cluster, damage):
     X, y = _data(seed=hash((cluster.broker_url, damage)) % 1000 + 101)
     dataset = X.nbytes + y.nbytes + _split_bytes(len(X), 3)
     grid = {"damage": ["none", "none", damage, "none", "none", "none", "none", "none"]}
-    search = ClusterGridSearchCV(Damaging(), grid, cv=3, cluster=cluster).fit(X, y)
+    damaging = Damaging(cache_dir=cluster.cache_dir)
+    search = ClusterGridSearchCV(damaging, grid, cv=3, cluster=cluster).fit(X, y)
     expected = GridSearchCV(Damaging(), grid, cv=3).fit(X, y)
     assert_ran_on_workers(search, cluster, 24)
     assert_same_results(search, expected)

@@ -24,9 +24,11 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 from clustersearch import Cluster, ClusterGridSearchCV
-from clustersearch._scheduler import STALL_FLOOR_S
+from clustersearch.client.policy import Policy
 from clustersearch.exceptions import CallbackNotSupportedError
-from clustersearch.worker import POOL_CHECK_S
+from clustersearch.node.pool import POOL_CHECK_S
+
+STALL_FLOOR_S = Policy.STALL_FLOOR_S
 
 pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.slow]
 

@@ -68,7 +68,6 @@ from clustersearch import (
     ClusterHalvingRandomSearchCV,
     ClusterRandomizedSearchCV,
 )
-from clustersearch.exceptions import NotPicklableError
 
 OURS = {
     GridSearchCV: ClusterGridSearchCV,
@@ -812,16 +811,8 @@ def test_bad_cv(embedded_cluster):
     assert str(ours.value) == str(theirs.value)
 
 
-_CV_GAP = (
-    "known gap: every task carries the search itself (scikit-learn passes "
-    "caller=self), and a cv holding a generator cannot be pickled; "
-    "NotPicklableError names it before anything is sent"
-)
-
-
 # Ports test_search.py::test_empty_cv_iterator_error (n_jobs=4): an exhausted
 # cv iterator raises scikit-learn's ValueError.
-@pytest.mark.xfail(raises=NotPicklableError, strict=True, reason=_CV_GAP)
 def test_empty_cv_iterator(embedded_cluster):
     X, y = X_CLF, Y_CLF
     match = "No fits were performed. Was the CV iterator empty\\? Were there no candidates\\?"
@@ -879,14 +870,8 @@ def _cv_list():
         lambda: KFold(n_splits=3, shuffle=True, random_state=0),
         lambda: StratifiedKFold(n_splits=3),
         lambda: StratifiedShuffleSplit(n_splits=3, test_size=0.3, random_state=0),
-        pytest.param(
-            lambda: OneTimeSplitter(n_splits=4, n_samples=len(Y_CLF)),
-            marks=pytest.mark.xfail(raises=NotPicklableError, strict=True, reason=_CV_GAP),
-        ),
-        pytest.param(
-            lambda: KFold(n_splits=3, shuffle=True, random_state=0).split(X_CLF, Y_CLF),
-            marks=pytest.mark.xfail(raises=NotPicklableError, strict=True, reason=_CV_GAP),
-        ),
+        lambda: OneTimeSplitter(n_splits=4, n_samples=len(Y_CLF)),
+        lambda: KFold(n_splits=3, shuffle=True, random_state=0).split(X_CLF, Y_CLF),
         _cv_list,
     ],
     ids=[

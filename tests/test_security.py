@@ -21,11 +21,11 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.tree import DecisionTreeClassifier
 
 from clustersearch import Cluster, ClusterGridSearchCV, LocalCluster
-from clustersearch._cluster import NodeInfo, check_nodes
-from clustersearch._serialization import dumps
-from clustersearch._signing import Signer
+from clustersearch.client.cluster import NodeInfo, check_nodes
 from clustersearch.exceptions import SecretMismatchError, VersionMismatchError
-from clustersearch.worker import TASK_NAME, local_versions, queue_for
+from clustersearch.wire.protocol import TASK_NAME, local_versions, queue_for
+from clustersearch.wire.serialization import dumps
+from clustersearch.wire.signing import Signer
 
 rng = np.random.RandomState(0)
 X = rng.normal(size=(300, 5))
@@ -206,24 +206,27 @@ def test_bad_inputs_are_refused_and_the_node_keeps_serving(guarded, tmp_path):
 
 
 def test_results_that_fail_verification_are_not_unpickled(guarded):
-    from clustersearch._scheduler import Session, _Work
-    from clustersearch._signing import MessageRejected
+    from clustersearch.client.session import Session, Work
+    from clustersearch.exceptions import MessageRejected
 
-    session = Session.__new__(Session)
-    session.signer = Signer(guarded.secret.encode())
-    work = _Work(b"", None, 1)
+    # A session is a plain object until start(): no thread, no connection.
+    session = Session(
+        guarded.app, guarded.nodes(), signer=Signer(guarded.secret.encode())
+    )
+    open_result = session.dispatcher.open_result
+    work = Work(b"", None, 1)
     work.task_id, work.node = "t1", "n1"
     payload = pickle.dumps(Evil("/nonexistent/should-not-run"))
     work.result = {"payload": payload, "auth": Signer(b"another-secret-entirely").sign(
         "result", "t1", payload)}  # fmt: skip
     with pytest.raises(MessageRejected, match="result of node 'n1' refused"):
-        session._open_result(work)
+        open_result(work)
     work.result = {"payload": payload}
     with pytest.raises(MessageRejected, match="unsigned result"):
-        session._open_result(work)
+        open_result(work)
     work.result = "not a result"
     with pytest.raises(MessageRejected, match="not a clustersearch result"):
-        session._open_result(work)
+        open_result(work)
 
 
 # -- pre-flight ---------------------------------------------------------------
@@ -382,7 +385,7 @@ def test_a_node_started_with_a_secret_file_serves_a_client_with_that_secret(tmp_
 
 
 def test_tls_settings_pass_through():
-    from clustersearch.worker import app_config
+    from clustersearch.wire.config import app_config
 
     conf = app_config("amqps://u:p@broker:5671//", "rpc://")
     assert conf["broker_url"].startswith("amqps://")
@@ -392,8 +395,8 @@ def test_tls_settings_pass_through():
 
 def test_task_messages_stay_small_whatever_the_data_size():
     # Data travels as blobs: even a 20 MB X leaves a small task message.
-    from clustersearch._blobs import BlobTable
-    from clustersearch._serialization import dumps_with_blobs
+    from clustersearch.client.blobs import BlobTable
+    from clustersearch.wire.serialization import dumps_with_blobs
 
     payload, refs = dumps_with_blobs((np.zeros((2500, 1000)), np.zeros(2500)), BlobTable())
     assert len(payload) < 1000 and len(refs) == 2

@@ -30,15 +30,11 @@ import json
 import os
 import time
 
-from .exceptions import ClusterSearchError
+from ..exceptions import ConfigurationError, MessageRejected
 
 __all__ = ["MessageRejected", "Signer", "load_secret"]
 
 DEFAULT_MAX_AGE_S = 3600.0
-
-
-class MessageRejected(ClusterSearchError, PermissionError):
-    """A message failed verification; nothing in it was unpickled."""
 
 
 def load_secret(secret=None, secret_file=None):
@@ -57,7 +53,7 @@ def load_secret(secret=None, secret_file=None):
     if isinstance(secret, str):
         secret = secret.encode()
     if len(secret) < 16:
-        raise ValueError(
+        raise ConfigurationError(
             "the clustersearch secret is too short: use at least 16 characters, "
             "e.g. the output of: python -c 'import secrets; print(secrets.token_hex(32))'"
         )

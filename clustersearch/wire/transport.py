@@ -23,9 +23,9 @@ from kombu.utils.json import dumps
 
 __all__ = ["FILE_BACKEND", "RPC_BACKEND", "FilesystemBackend", "RPCBackend", "Transport"]
 
-TRANSPORT = "clustersearch._transport:Transport"
+TRANSPORT = "clustersearch.wire.transport:Transport"
 # Celery's ``backend+url`` form: this class, on a file:// URL.
-FILE_BACKEND = "clustersearch._transport:FilesystemBackend+"
+FILE_BACKEND = "clustersearch.wire.transport:FilesystemBackend+"
 
 
 def _write_atomically(path, data: bytes) -> None:
@@ -64,7 +64,7 @@ class FilesystemBackend(_CeleryFilesystemBackend):
 
 
 # Celery's ``backend+url`` form for rpc:// URLs.
-RPC_BACKEND = "clustersearch._transport:RPCBackend+"
+RPC_BACKEND = "clustersearch.wire.transport:RPCBackend+"
 
 
 class RPCBackend(_CeleryRPCBackend):

@@ -19,14 +19,7 @@ import cloudpickle
 
 __all__ = ["dumps", "dumps_with_blobs", "loads"]
 
-try:  # the wrapper scikit-learn's ``delayed`` puts around every call
-    from sklearn.utils.parallel import _FuncWrapper
-except ImportError:  # pragma: no cover - another scikit-learn
-    _FuncWrapper = None
-try:  # scikit-learn >= 1.9: every _fit_and_score call gets a callback context
-    from sklearn.callback import CallbackContext
-except ImportError:  # pragma: no cover - scikit-learn < 1.9
-    CallbackContext = None
+from .._compat import CallbackContext, FuncWrapper, strip_callback_siblings
 
 
 def _installed_roots():
@@ -75,19 +68,24 @@ def _send_user_modules_by_value():
 class _Pickler(cloudpickle.CloudPickler):
     """cloudpickle, with large arrays replaced by references to blobs."""
 
-    def __init__(self, file, table):
+    def __init__(self, file, table, drop=None):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.table = table
+        self.drop = drop
         self.refs = {}
 
     def reducer_override(self, obj):
+        # What the nodes do not use, sent as None: scikit-learn passes the
+        # search itself (``caller=self``) to every fit, for callbacks only.
+        if self.drop is not None and obj is self.drop:
+            return type(None), ()
         # scikit-learn's call wrapper copies its function's attributes onto
         # itself (functools.update_wrapper), docstring included: 3.4 kB of
         # _fit_and_score's documentation in every task, 40% of a typical
         # message. The nodes do not need it.
-        if _FuncWrapper is not None and type(obj) is _FuncWrapper:
+        if FuncWrapper is not None and type(obj) is FuncWrapper:
             state = {k: v for k, v in vars(obj).items() if k != "__doc__"}
-            return copyreg.__newobj__, (_FuncWrapper,), state
+            return copyreg.__newobj__, (FuncWrapper,), state
         # Each call's callback context links to its parent, the search's
         # context, which maps every (candidate, split) context of the search:
         # pickled whole, every task carried all of them (85 bytes per fit of
@@ -95,9 +93,8 @@ class _Pickler(cloudpickle.CloudPickler):
         # 10,080 of the original Adult grid). A node needs the path from its
         # call's context to the root, not the siblings.
         if CallbackContext is not None and type(obj) is CallbackContext:
-            state = vars(obj)
-            if state.get("_children_map"):
-                state = {**state, "_children_map": {}}
+            state = strip_callback_siblings(obj)
+            if state is not None:
                 return copyreg.__newobj__, (CallbackContext,), state
         return super().reducer_override(obj)
 
@@ -116,14 +113,15 @@ def dumps(obj) -> bytes:
     return buffer.getvalue()
 
 
-def dumps_with_blobs(obj, table) -> tuple[bytes, list]:
+def dumps_with_blobs(obj, table, drop=None) -> tuple[bytes, list]:
     """Serialize ``obj`` with its large arrays left in ``table``.
 
-    Returns the payload and the ``(digest, kind)`` pairs it references.
+    ``drop``, wherever it occurs in ``obj``, is sent as None. Returns the
+    payload and the ``(digest, kind)`` pairs it references.
     """
     _send_user_modules_by_value()
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer, table)
+    pickler = _Pickler(buffer, table, drop)
     pickler.dump(obj)
     return buffer.getvalue(), sorted(pickler.refs.items())
 

@@ -1,5 +1,9 @@
 """Surviving node failures: what the dispatcher needs besides sending work.
 
+- :func:`backups` and :func:`straggler_threshold` decide which batches in
+  flight get a backup copy; :func:`deadline_error` when the search gives up
+  waiting for nodes or the broker. Plain functions of the session's state.
+
 - :class:`Watcher` sends the heartbeat: it asks every node for its info
   every ``heartbeat_interval`` seconds, in a thread of its own (a node that
   does not answer costs the dispatcher nothing), and posts who answered. The
@@ -13,22 +17,33 @@
   failing the whole search or being sent forever.
 """
 
-import copy
+from __future__ import annotations
+
 import logging
+import statistics
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from kombu import Queue
 from kombu.exceptions import OperationalError
 from sklearn.base import BaseEstimator
 
+from .._compat import WorkerLostError, batch_calls, batch_with_calls, fit_and_score
+from ..exceptions import BrokerUnreachableError, ClusterSearchError, NoWorkersError
+from .policy import Policy
+
 __all__ = [
     "Watcher",
+    "backups",
+    "deadline_error",
     "failed_outputs",
     "is_connection_error",
     "is_worker_lost",
     "reclaim",
     "split_batch",
+    "straggler_threshold",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,12 +57,11 @@ class Watcher(threading.Thread):
     unreachable) is posted as ``error``.
     """
 
-    def __init__(self, discover, interval, post):
+    def __init__(self, discover: Callable, policy: Policy, post: Callable) -> None:
         super().__init__(name="clustersearch-heartbeat", daemon=True)
         self.discover = discover
-        self.interval = interval
-        # A node answers in milliseconds; a second covers a slow network.
-        self.reply_timeout = min(1.0, interval)
+        self.interval = policy.heartbeat_interval
+        self.reply_timeout = policy.reply_timeout
         self.post = post
         self.stopped = threading.Event()
 
@@ -68,9 +82,9 @@ class Watcher(threading.Thread):
         self.stopped.set()
 
 
-def is_worker_lost(exc) -> bool:
+def is_worker_lost(exc: object) -> bool:
     """Whether a Celery failure means the process running the task died."""
-    return type(exc).__name__ == "WorkerLostError"
+    return isinstance(exc, WorkerLostError)
 
 
 def is_connection_error(exc) -> bool:
@@ -115,21 +129,79 @@ def reclaim(app, queue, task_ids) -> int:
     return deleted
 
 
+# -- stragglers and deadlines -------------------------------------------------
+
+
+def straggler_threshold(durations: Sequence[float], policy: Policy) -> float | None:
+    """After how long a batch in flight counts as late (None: not yet known,
+    or backups are off)."""
+    if policy.straggler_factor is None or len(durations) < 4:
+        return None
+    return max(policy.STRAGGLER_MIN_S, policy.straggler_factor * statistics.median(durations))
+
+
+def backups(
+    in_flight: Iterable[tuple[Any, str, float]],
+    idle: dict[str, int],
+    late: float,
+    now: float,
+    skip: Callable[[Any], bool],
+) -> list[tuple[Any, str, str, float]]:
+    """Which late batches get a backup copy, and where.
+
+    ``in_flight`` holds ``(work, node, sent_at)``, oldest first; ``idle``
+    maps nodes to their free processes (consumed here); ``skip(work)`` is
+    true for work that already has a backup or waits to be sent. Returns
+    ``(work, node, target, waited_s)`` for each backup.
+    """
+    chosen = []
+    for work, node, sent_at in in_flight:
+        if now - sent_at < late:
+            break
+        if skip(work):
+            continue
+        target = next((n for n, free in idle.items() if free > 0 and n != node), None)
+        if target is None:
+            break
+        idle[target] -= 1
+        chosen.append((work, node, target, now - sent_at))
+    return chosen
+
+
+def deadline_error(
+    now: float,
+    *,
+    no_nodes_since: float | None,
+    broker_down_since: float | None,
+    lost: Sequence[str],
+    broker: str,
+    timeout: float,
+) -> ClusterSearchError | None:
+    """The error that ends a search that waited too long for nodes or the broker."""
+    if no_nodes_since is not None and now - no_nodes_since > timeout:
+        return NoWorkersError(
+            f"every node on {broker!r} stopped answering "
+            f"({', '.join(dict.fromkeys(lost))}) and none came back "
+            f"within no_node_timeout={timeout} s; the search "
+            "cannot finish. Check the nodes (their logs, their network)"
+        )
+    if broker_down_since is not None and now - broker_down_since > timeout:
+        return BrokerUnreachableError(
+            f"lost the broker {broker!r} for more than "
+            f"no_node_timeout={timeout} s; the search cannot finish"
+        )
+    return None
+
+
 # -- a batch that keeps killing its worker ------------------------------------
 
 
-def split_batch(batch):
+def split_batch(batch: Any) -> list[Any] | None:
     """One joblib batch per call of ``batch``, or None if it cannot be split."""
-    items = getattr(batch, "items", None)
-    if not isinstance(items, list) or len(items) < 2:
+    items = batch_calls(batch)
+    if items is None or len(items) < 2:
         return None
-    parts = []
-    for item in items:
-        part = copy.copy(batch)
-        part.items = [item]
-        part._size = 1
-        parts.append(part)
-    return parts
+    return [batch_with_calls(batch, [item]) for item in items]
 
 
 def failed_outputs(batch, error):
@@ -141,9 +213,8 @@ def failed_outputs(batch, error):
     are ``error_score`` and the fit's "traceback" is ``error``; "raise": the
     error is raised). Anything else raises ``error``.
     """
-    from sklearn.model_selection._validation import _fit_and_score
-
-    items = getattr(batch, "items", None)
+    _fit_and_score = fit_and_score()
+    items = batch_calls(batch)
     if not items:
         raise error
     outputs = []

@@ -1,22 +1,25 @@
 """The joblib backend: every ``Parallel`` batch it accepts runs on the cluster.
 
 joblib's ``Parallel`` owns batching and pre-dispatch; this backend only says
-where a batch runs (a :class:`~clustersearch._scheduler.Session`).
+where a batch runs (a :class:`~clustersearch.client.session.Session`).
 """
 
-from joblib._parallel_backends import (
-    AutoBatchingMixin,
-    FallbackToBackend,
-    LokyBackend,
-    ParallelBackendBase,
-    SequentialBackend,
-    ThreadingBackend,
-)
+from __future__ import annotations
+
+from .._compat import joblib_backends
+
+_jb = joblib_backends()
+AutoBatchingMixin = _jb.AutoBatchingMixin
+FallbackToBackend = _jb.FallbackToBackend
+LokyBackend = _jb.LokyBackend
+ParallelBackendBase = _jb.ParallelBackendBase
+SequentialBackend = _jb.SequentialBackend
+ThreadingBackend = _jb.ThreadingBackend
 
 __all__ = ["ClusterBackend"]
 
 
-class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
+class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc,valid-type]
     """Runs joblib batches on the nodes of a session.
 
     Parameters

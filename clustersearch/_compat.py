@@ -1,0 +1,169 @@
+"""Every private API of scikit-learn, joblib, Celery and kombu that
+clustersearch uses, in one place.
+
+Each entry says what it is, why we need it and the versions it was checked
+against (:data:`CHECKED_WITH`). ``tests/test_compat.py`` checks each one on
+the installed versions and fails naming the API when an upgrade breaks it.
+Nothing here imports Celery's worker side (its pool, its worker state) until
+a node asks for it: the client never loads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CHECKED_WITH",
+    "PRIVATE_APIS",
+    "CallbackContext",
+    "FuncWrapper",
+    "WorkerLostError",
+    "batch_calls",
+    "batch_with_calls",
+    "fit_and_score",
+    "get_active_backend",
+    "is_rpc_backend",
+    "joblib_backends",
+    "prefork_pool_classes",
+    "result_consumer_connection",
+    "set_result_from_meta",
+    "strip_callback_siblings",
+    "worker_pool_state",
+]
+
+CHECKED_WITH = {
+    "scikit-learn": "1.9.1",
+    "joblib": "1.6.0",
+    "celery": "5.7.0",
+    "kombu": "5.7.0",
+    "billiard": "4.3.2",
+}
+
+# name -> (what we use it for). tests/test_compat.py checks each.
+PRIVATE_APIS = {
+    "sklearn.utils.parallel._FuncWrapper": "the wrapper scikit-learn's delayed() puts "
+    "around every call; its copied docstring is left out of task messages",
+    "sklearn.callback.CallbackContext._children_map": "a call's callback context maps "
+    "all its siblings; task messages carry only the path to the root",
+    "sklearn.model_selection._validation._fit_and_score": "a fit lost on every try "
+    "becomes scikit-learn's own error_score entry",
+    "joblib._parallel_backends (ParallelBackendBase, AutoBatchingMixin, "
+    "FallbackToBackend, LokyBackend, SequentialBackend, ThreadingBackend)": "the "
+    "joblib backend and its local fallbacks",
+    "joblib.parallel.get_active_backend": "a search finds its cluster backend",
+    "joblib.parallel.BatchedCalls.items/_size": "a batch whose worker died is retried "
+    "call by call",
+    "celery.result.AsyncResult._maybe_set_cache": "results of polled backends "
+    "(file://) are set on their AsyncResult",
+    "celery.backends.asynchronous.BaseResultConsumer._connection": "an rpc:// "
+    "consumer that reconnected lost what was published meanwhile",
+    "celery.concurrency.asynpool.AsynPool.timers/maintain_pool": "nodes look for "
+    "dead pool processes every 0.5 s instead of 5 s",
+    "celery.worker.state (reserved_requests, active_requests, all_total_count)": "a "
+    "node reports a pool that starts nothing",
+    "kombu.transport.filesystem.Channel._put": "the embedded transport writes "
+    "messages atomically",
+    "celery.backends.filesystem.FilesystemBackend.set/_filename": "file:// results "
+    "are written atomically",
+    "celery.backends.rpc.RPCBackend.on_task_call": "rpc:// declares its reply queue "
+    "once per channel, not once per task",
+}
+
+# -- scikit-learn ---------------------------------------------------------------
+
+try:
+    from sklearn.utils.parallel import _FuncWrapper as FuncWrapper
+except ImportError:  # pragma: no cover - another scikit-learn
+    FuncWrapper = None  # type: ignore[assignment,misc]
+
+try:  # scikit-learn >= 1.9: every _fit_and_score call gets a callback context
+    from sklearn.callback import CallbackContext
+except ImportError:  # pragma: no cover - scikit-learn < 1.9
+    CallbackContext = None  # type: ignore[assignment,misc]
+
+
+def strip_callback_siblings(context: Any) -> dict[str, Any] | None:
+    """The state of a callback context without its children map, or None
+    when it has none to strip."""
+    state = vars(context)
+    if not state.get("_children_map"):
+        return None
+    return {**state, "_children_map": {}}
+
+
+def fit_and_score() -> Any:
+    """scikit-learn's ``_fit_and_score``."""
+    from sklearn.model_selection._validation import _fit_and_score
+
+    return _fit_and_score
+
+
+# -- joblib -----------------------------------------------------------------------
+
+
+def joblib_backends() -> Any:
+    """joblib's backend base classes and its local backends, as a namespace."""
+    from joblib import _parallel_backends
+
+    return _parallel_backends
+
+
+def get_active_backend() -> Any:
+    """The joblib backend active in this thread, and its n_jobs."""
+    from joblib.parallel import get_active_backend as active
+
+    return active()
+
+
+def batch_calls(batch: Any) -> list[Any] | None:
+    """The ``(func, args, kwargs)`` calls of a joblib batch, or None."""
+    items = getattr(batch, "items", None)
+    return items if isinstance(items, list) else None
+
+
+def batch_with_calls(batch: Any, items: list[Any]) -> Any:
+    """A copy of joblib batch ``batch`` holding ``items`` only."""
+    import copy
+
+    part = copy.copy(batch)
+    part.items = list(items)
+    part._size = len(items)
+    return part
+
+
+# -- Celery -----------------------------------------------------------------------
+
+from billiard.exceptions import WorkerLostError  # noqa: E402
+
+
+def is_rpc_backend(backend: Any) -> bool:
+    """Whether ``backend`` is Celery's rpc:// backend (or ours)."""
+    from celery.backends.rpc import RPCBackend
+
+    return isinstance(backend, RPCBackend)
+
+
+def set_result_from_meta(result: Any, meta: dict[str, Any]) -> None:
+    """Give a polled AsyncResult the state and value of ``meta``."""
+    result._maybe_set_cache(meta)
+
+
+def result_consumer_connection(backend: Any) -> Any:
+    """The connection an async result consumer (rpc://) reads from, or None."""
+    return getattr(backend.result_consumer, "_connection", None)
+
+
+def prefork_pool_classes() -> tuple[Any, Any]:
+    """Celery's event-loop pool and prefork TaskPool (node side only)."""
+    from celery.concurrency import asynpool, prefork
+
+    return asynpool.AsynPool, prefork.TaskPool
+
+
+def worker_pool_state() -> tuple[bool, int, int]:
+    """In a node's main process: whether a reserved task waits to start, how
+    many run, and how many have started since the node began."""
+    from celery.worker import state
+
+    waiting = any(r.time_start is None for r in list(state.reserved_requests))
+    return waiting, len(state.active_requests), state.all_total_count[0]

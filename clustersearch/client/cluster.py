@@ -1,0 +1,466 @@
+"""Handles on a cluster: connect to the broker, find the nodes, open sessions.
+
+:class:`Cluster` connects to a running cluster; :class:`LocalCluster` starts
+real worker processes on this machine, over an embedded transport (kombu's
+filesystem transport, in a private folder) unless given a broker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from kombu import Connection
+
+from ..exceptions import (
+    BrokerUnreachableError,
+    ConfigurationError,
+    NoWorkersError,
+    SecretMismatchError,
+    VersionMismatchError,
+)
+from ..wire.config import create_app, default_backend
+from ..wire.protocol import INFO_COMMAND, local_versions, queue_for
+from ..wire.signing import Signer, load_secret
+from .backend import ClusterBackend
+from .policy import Policy
+from .progress import Progress, progress_enabled
+from .recovery import is_connection_error
+from .session import Session
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .local import LocalCluster
+
+__all__ = ["Cluster", "NodeInfo", "check_nodes", "redact", "resolve_cluster"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A live node, as it describes itself.
+
+    Attributes
+    ----------
+    name : str
+        The node's name; its queue is ``clustersearch.<name>``.
+    queue : str
+    concurrency : int
+        Worker processes, i.e. fits at a time.
+    hostname : str
+        Celery's name for the node's worker (``name@host``).
+    host : str
+        The machine's host name.
+    cpu_count : int
+    pid : int
+        The node's main worker process.
+    versions : dict
+        Python, clustersearch, scikit-learn, numpy, joblib, celery and
+        cloudpickle.
+    secret : str or None
+        A fingerprint of the node's secret (None: it accepts unsigned work).
+    stalled_s : float
+        For how long the node's pool has started no task while one waited and
+        a process was free (0 for a healthy node).
+    """
+
+    name: str
+    queue: str
+    concurrency: int
+    hostname: str
+    host: str
+    cpu_count: int
+    pid: int
+    versions: dict = field(default_factory=dict, compare=False)
+    secret: str | None = field(default=None, compare=False)
+    stalled_s: float = field(default=0.0, compare=False)
+
+    @classmethod
+    def from_reply(cls, info: dict) -> NodeInfo:
+        queues = [q for q in info.get("queues", []) if q.startswith("clustersearch.")]
+        return cls(
+            name=info["node"],
+            queue=queues[0] if queues else queue_for(info["node"]),
+            concurrency=int(info["concurrency"]),
+            hostname=info.get("hostname") or info["node"],
+            host=info.get("host", ""),
+            cpu_count=int(info.get("cpu_count") or 0),
+            pid=int(info.get("pid") or 0),
+            versions=dict(info.get("versions", {})),
+            secret=info.get("secret"),
+            stalled_s=float(info.get("stalled_s") or 0.0),
+        )
+
+
+def redact(url: str) -> str:
+    """``url`` with its password masked, for messages and reprs."""
+    parsed = urlparse(url)
+    if parsed.password:
+        netloc = parsed.netloc.replace(":" + parsed.password + "@", ":**@", 1)
+        return parsed._replace(netloc=netloc).geturl()
+    return url
+
+
+class Cluster:
+    """A handle on a running clustersearch cluster.
+
+    Parameters
+    ----------
+    broker_url : str
+        The Celery broker, e.g. ``"amqp://user:password@broker-host//"``,
+        ``"redis://broker-host:6379/0"`` or ``"filesystem:///shared/folder"``.
+    backend : str, default=None
+        Celery result backend. None picks ``rpc://`` for RabbitMQ, the broker
+        itself for Redis, and a ``results`` folder for ``filesystem://``.
+    policy : Policy, default=None
+        How failures are handled and work is scheduled (heartbeats, retries,
+        stragglers, timeouts); None is ``Policy()``.
+    progress : bool, default=None
+        Show a progress bar during fits; None shows it on a terminal or in a
+        notebook.
+    **settings
+        Fields of :class:`~clustersearch.Policy` that replace those of
+        ``policy``: ``discovery_timeout``, ``connect_timeout``,
+        ``queued_per_node``, ``heartbeat_interval``, ``missed_heartbeats``,
+        ``max_retries``, ``no_node_timeout``, ``straggler_factor``,
+        ``reconnect_grace``. Each reads back as an attribute
+        (``cluster.max_retries``).
+    secret : str or bytes, default=None
+        Shared secret that signs work and verifies results (HMAC-SHA256);
+        None reads ``$CLUSTERSEARCH_SECRET`` (or the file named by
+        ``$CLUSTERSEARCH_SECRET_FILE``), and without either messages are not
+        signed. Nodes must hold the same one (``clustersearch worker
+        --secret-file``). See README, "Security".
+    check_versions : bool, default=True
+        Before the first fit, compare every node's Python, scikit-learn,
+        numpy, joblib, cloudpickle and clustersearch versions with this
+        client's, and refuse (VersionMismatchError) where a difference could
+        change results or break unpickling. False skips the check.
+
+    See Also
+    --------
+    LocalCluster : starts worker processes on this machine.
+    Policy : the failure and scheduling settings.
+
+    Examples
+    --------
+    >>> from clustersearch import Cluster, ClusterGridSearchCV
+    >>> cluster = Cluster("amqp://remote:secret@pine0//")  # doctest: +SKIP
+    >>> cluster.nodes()  # doctest: +SKIP
+    [NodeInfo(name='pine1', queue='clustersearch.pine1', concurrency=4, ...), ...]
+    >>> search = ClusterGridSearchCV(estimator, grid, cluster=cluster)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        backend: str | None = None,
+        *,
+        policy: Policy | None = None,
+        progress: bool | None = None,
+        secret: str | bytes | None = None,
+        check_versions: bool = True,
+        **settings: Any,
+    ) -> None:
+        unknown = sorted(set(settings) - set(Policy.field_names()))
+        if unknown:
+            raise ConfigurationError(
+                f"Cluster() got unexpected keyword arguments {unknown}; the policy "
+                f"settings are {list(Policy.field_names())}"
+            )
+        self.broker_url = broker_url
+        self.backend = backend
+        self.policy = (policy or Policy()).replace(**settings)
+        self.progress = progress
+        self.check_versions = check_versions
+        # Never pickled (see __reduce__).
+        self._signer = Signer(load_secret(secret))
+        self._app: Celery | None = None
+        self._app_lock = threading.Lock()
+        self._checked = False
+
+    def __getattr__(self, name: str) -> Any:
+        # The policy's settings read as the cluster's own (cluster.max_retries).
+        if name in Policy.field_names() and "policy" in self.__dict__:
+            return getattr(self.policy, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # clone() deep-copies a search's parameters: it must share this handle,
+    # not copy its connections.
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def __reduce__(self):
+        return (Cluster, (self.broker_url, self.backend), self._public_state())
+
+    def _public_state(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "progress": self.progress,
+            "check_versions": self.check_versions,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # A handle unpickled on a node holds no secret.
+        self.__dict__.setdefault("_signer", Signer(None))
+        self.__dict__.setdefault("_app", None)
+        self.__dict__.setdefault("_app_lock", threading.Lock())
+        self.__dict__.setdefault("_checked", False)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({redact(self.broker_url)!r})"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @property
+    def app(self):
+        """The client's Celery app (created on first use, never the default app)."""
+        with self._app_lock:
+            if self._app is None:
+                self._app = create_app(self.broker_url, self.backend)
+            return self._app
+
+    @property
+    def backend_url(self) -> str:
+        return self.backend or default_backend(self.broker_url)
+
+    def check_connection(self) -> None:
+        """Raise BrokerUnreachableError unless the broker and backend answer."""
+        conn = None
+        try:
+            conn = self.app.connection_for_write()
+            conn.ensure_connection(max_retries=1, timeout=self.policy.connect_timeout)
+        except Exception as exc:
+            raise BrokerUnreachableError(
+                f"cannot reach the broker at {redact(self.broker_url)!r}: {exc}. "
+                "Check that it runs, that this machine can reach its host and "
+                "port, and the user name and password in the URL"
+            ) from exc
+        finally:
+            if conn is not None:
+                conn.release()
+        scheme = urlparse(self.backend_url).scheme
+        if scheme in ("redis", "rediss"):
+            try:
+                timeout = self.policy.connect_timeout
+                Connection(self.backend_url, connect_timeout=timeout).ensure_connection(
+                    max_retries=1, timeout=timeout
+                )
+            except Exception as exc:
+                raise BrokerUnreachableError(
+                    f"cannot reach the result backend at {redact(self.backend_url)!r}: "
+                    f"{exc}. Check that Redis runs and that this machine can reach it"
+                ) from exc
+
+    def nodes(self, timeout=None):
+        """The live nodes, sorted by name.
+
+        Parameters
+        ----------
+        timeout : float, default=None
+            Seconds to wait for answers; None uses ``discovery_timeout``.
+
+        Returns
+        -------
+        list of NodeInfo
+        """
+        if not self._checked:
+            self.check_connection()
+            self._checked = True
+        ask = functools.partial(
+            self.app.control.broadcast,
+            INFO_COMMAND,
+            reply=True,
+            timeout=self.policy.discovery_timeout if timeout is None else timeout,
+            **self._broadcast_scope(),
+        )
+        try:
+            replies = ask()
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            # A pooled connection that died with the broker (a restart since
+            # the last search) fails once; the pool reconnects on next use.
+            replies = ask()
+        found = {}
+        for reply in replies or ():
+            for info in reply.values():
+                if isinstance(info, dict) and "node" in info:
+                    node = NodeInfo.from_reply(info)
+                    found[node.name] = node
+        return [found[name] for name in sorted(found)]
+
+    def _broadcast_scope(self) -> dict:
+        return {}
+
+    def require_nodes(self):
+        """The live nodes; NoWorkersError naming the broker when there is none."""
+        nodes = self.nodes()
+        if not nodes:
+            raise NoWorkersError(
+                f"no clustersearch node answered on {redact(self.broker_url)!r} "
+                f"within {self.policy.discovery_timeout} s. Start one on each machine "
+                f"with 'clustersearch worker --broker {redact(self.broker_url)}', "
+                "or raise discovery_timeout for a slow network"
+            )
+        return nodes
+
+    @contextlib.contextmanager
+    def session(self, *, verbose: int = 0, drop: object = None) -> Iterator[Session]:
+        """Open a dispatch session on the live nodes (used by the estimators).
+
+        ``drop`` is sent as None wherever it occurs in the work (see
+        :class:`~clustersearch.client.session.Session`).
+        """
+        nodes = self.require_nodes()
+        check_nodes(nodes, self._signer, check_versions=self.check_versions)
+        session = Session(
+            self.app,
+            nodes,
+            policy=self.policy,
+            progress=Progress(progress_enabled(self.progress)),
+            broker=redact(self.broker_url),
+            discover=lambda timeout: self.nodes(timeout=timeout),
+            signer=self._signer,
+            # A node that joins mid-search passes the same checks first.
+            admit=lambda node: check_nodes(
+                [node], self._signer, check_versions=self.check_versions
+            ),
+            drop=drop,
+        )
+        with session:
+            yield session
+
+    @contextlib.contextmanager
+    def joblib(self):
+        """Run joblib-parallel code on the cluster inside this block.
+
+        Every ``joblib.Parallel`` call in the block (scikit-learn's
+        ``cross_validate``, ``permutation_importance``, a plain
+        ``GridSearchCV``...) sends its batches to the nodes. Calls that ask
+        for threads or shared memory stay local, in threads.
+
+        Yields
+        ------
+        session : Session
+            Its ``fits_per_node`` counts the calls each node ran.
+
+        Examples
+        --------
+        >>> from sklearn.model_selection import cross_validate
+        >>> with cluster.joblib():  # doctest: +SKIP
+        ...     cross_validate(model, X, y, cv=5)
+        """
+        from joblib import parallel_config
+
+        with self.session() as session:
+            with parallel_config(backend=ClusterBackend(session)):
+                yield session
+
+    def close(self):
+        """Release the client's connections."""
+        with self._app_lock:
+            app, self._app = self._app, None
+        if app is not None:
+            app.close()
+
+
+# What must match between the client and a node: the number of version
+# components compared (None: all of it).
+_MUST_MATCH = {
+    "python": 2,  # cloudpickle sends code by value: bytecode is per minor version
+    "clustersearch": None,
+    "scikit-learn": None,  # estimators pickle per version; results may differ
+    "numpy": 2,
+    "joblib": 2,
+    "cloudpickle": 2,
+}
+
+
+def _prefix(version, parts):
+    return tuple(str(version).split(".")[:parts] if parts else str(version).split("."))
+
+
+def check_nodes(nodes, signer, *, check_versions=True):
+    """Refuse, before any work is sent, nodes this client cannot work with:
+    another secret, or versions that could change results or break
+    unpickling."""
+    mine = signer.fingerprint()
+    for node in nodes:
+        if node.secret != mine:
+            if mine is None:
+                why = ("it requires signed work and this client has no secret: pass "
+                       "Cluster(secret=...) or set CLUSTERSEARCH_SECRET")  # fmt: skip
+            elif node.secret is None:
+                why = ("this client signs its work but the node has no secret: start "
+                       "it with 'clustersearch worker --secret-file FILE' holding the "
+                       "same secret")  # fmt: skip
+            else:
+                why = "it holds a different secret than this client"
+            raise SecretMismatchError(f"node {node.name!r} cannot take work: {why}")
+    if not check_versions:
+        return
+    local = local_versions()
+    for node in nodes:
+        for package, parts in _MUST_MATCH.items():
+            theirs = node.versions.get(package)
+            if theirs is None or _prefix(theirs, parts) != _prefix(local[package], parts):
+                raise VersionMismatchError(
+                    f"node {node.name!r} has {package} {theirs or 'unknown'}, this client "
+                    f"{local[package]}: results could differ or fail to unpickle. "
+                    f"Install the same version on every node (pip install "
+                    f"'{package}=={local[package]}' where it is a package), or pass "
+                    "Cluster(check_versions=False) to go ahead anyway"
+                )
+
+
+# -- cluster=None and cluster="amqp://..." -------------------------------------
+
+_default_lock = threading.Lock()
+_default_local: LocalCluster | None = None
+_by_url: dict[tuple[str, str | None], Cluster] = {}
+
+
+def resolve_cluster(value: Cluster | str | None) -> Cluster:
+    """The Cluster a search's ``cluster`` parameter stands for.
+
+    None means ``CLUSTERSEARCH_BROKER_URL`` (with the optional
+    ``CLUSTERSEARCH_RESULT_BACKEND``) when set, else one embedded
+    LocalCluster per client process, started on first use.
+    """
+    global _default_local
+    if isinstance(value, Cluster):
+        return value
+    if value is None:
+        value = os.environ.get("CLUSTERSEARCH_BROKER_URL")
+        if not value:
+            with _default_lock:
+                if _default_local is None:
+                    from .local import LocalCluster
+
+                    _default_local = LocalCluster()
+                    atexit.register(_default_local.close)
+                return _default_local
+        backend = os.environ.get("CLUSTERSEARCH_RESULT_BACKEND")
+    else:
+        backend = None
+    with _default_lock:
+        key = (value, backend)
+        if key not in _by_url:
+            _by_url[key] = Cluster(value, backend)
+        return _by_url[key]

@@ -1,0 +1,332 @@
+"""The dispatcher thread: every broker I/O of a session.
+
+One thread owns every Celery object of a session (producer, result
+consumer): Celery's result consumers are not thread-safe, and joblib calls
+``submit`` both from the caller's thread and from result callbacks, which
+only pickle the batch and queue it. The thread sends what waits to the
+node :class:`~.membership.Membership` picks, collects results, verifies
+them, and hands failures to :class:`~.failures.Failures`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from celery import states
+
+from .._compat import set_result_from_meta
+from ..exceptions import ClusterSearchError, MessageRejected
+from ..wire.protocol import STOP_SIGNAL, TASK_NAME, RemoteFailure
+from ..wire.serialization import loads
+from .failures import Failures
+from .recovery import is_connection_error, is_worker_lost, reclaim
+from .work import Copy, Local, Work
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["Dispatcher", "backend_is_async"]
+
+logger = logging.getLogger(__name__)
+
+# How long the dispatcher waits for results before it looks for new work
+# to send. Work submitted from result callbacks is sent at once; this bounds
+# the delay of work submitted from the caller's thread.
+_TICK_S = 0.002
+# The longest the dispatcher waits for results before it looks again, when
+# nothing has come back for a while; and its wait with nothing in flight.
+_MAX_WAIT_S = 0.05
+_IDLE_S = 0.1
+# While the broker is unreachable, sends are retried this often.
+BROKER_RETRY_S = 0.5
+
+
+def backend_is_async(backend: Any) -> bool:
+    """Whether ``backend`` pushes results (rpc://, Redis) rather than being polled."""
+    return bool(getattr(backend, "is_async", False))
+
+
+class Dispatcher:
+    """Sends a session's work, collects its results (one thread)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.failures = Failures(session, self)
+        self._closing = False
+        self._next_send_try = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name="clustersearch-dispatch", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._closing = True
+        self.session.wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def post_beat(self, t: float, nodes: Any, error: BaseException | None) -> None:
+        """Called by the heartbeat thread."""
+        self.failures.beats.append((t, nodes, error))
+        self.session.wake.set()
+
+    # -- the loop
+
+    def _run(self) -> None:
+        session = self.session
+        backend = session.app.backend
+        wait = _TICK_S
+        try:
+            with session.app.producer_or_acquire() as producer:
+                while not self._closing:
+                    self._send_ready(producer)
+                    if session.copies:
+                        self._collect(backend, wait)
+                    else:
+                        # submit() sets the event: no need to poll.
+                        session.wake.wait(_IDLE_S)
+                        session.wake.clear()
+                    # Back off while nothing comes back (fits take a while),
+                    # so that the client does not take CPU from the nodes
+                    # that share its machine; answer fast again as soon as
+                    # results flow.
+                    wait = _TICK_S if session.finished else min(2 * wait, _MAX_WAIT_S)
+                    self._finish_ready()
+                    self.failures.check_nodes()
+                    self.failures.back_up_stragglers()
+                    self.failures.check_deadlines()
+                    self._finish_ready()
+        except BaseException as exc:  # pragma: no cover - reported below
+            logger.exception("clustersearch dispatcher stopped")
+            self.fail_everything(ClusterSearchError(f"the dispatcher stopped: {exc!r}"))
+        finally:
+            self.failures.sweep_lost_queues()
+            # Celery's backend is per thread, and this thread ends here. An
+            # rpc:// consumer left open would share the app's reply queue with
+            # the next session's and take half of its results (a hang).
+            if backend_is_async(backend):
+                try:
+                    backend.result_consumer.stop()
+                except Exception:
+                    logger.debug("closing the result consumer failed", exc_info=True)
+
+    def _send_ready(self, producer: Any) -> None:
+        session = self.session
+        if self.failures.broker_down_since is not None and time.monotonic() < self._next_send_try:
+            return
+        while True:
+            with session.lock:
+                if not session.pending:
+                    return
+                node = session.members.pick(session.pending[0].avoid)
+                if node is None:
+                    return
+                work = session.pending.popleft()
+            work.node = node
+            # A new id per sending: a result for an earlier sending of the
+            # same work (rerouted from a lost node) matches nothing.
+            work.task_id = str(uuid4())
+            assert session.blob_server is not None
+            source = session.blob_server.queue_name
+            refs = [list(ref) for ref in work.refs]
+            try:
+                result = session.app.send_task(
+                    TASK_NAME,
+                    args=(work.payload,),
+                    kwargs={
+                        "source": source,
+                        "blobs": refs,
+                        "auth": session.signer.sign("task", work.task_id, work.payload,
+                                                    [source, refs]),
+                    },  # fmt: skip
+                    task_id=work.task_id,
+                    queue=session.members.nodes[node].queue,
+                    serializer="json",
+                    producer=producer,
+                )
+            except Exception as exc:
+                if is_connection_error(exc):
+                    # The broker, not the work: send it once it is back.
+                    with session.lock:
+                        session.pending.appendleft(work)
+                    self.failures.broker_trouble(exc)
+                    self._next_send_try = time.monotonic() + BROKER_RETRY_S
+                    return
+                work.error = ClusterSearchError(f"could not send work to node {node!r}: {exc!r}")
+                session.finished.append(work)
+                continue
+            with session.lock:
+                session.members.took(node)
+                session.copies[result.id] = Copy(work, node, time.monotonic(), result)
+                session.stats.task_bytes_per_node[node] += len(work.payload)
+            if backend_is_async(session.app.backend):
+                result.then(self._on_ready)
+
+    def _collect(self, backend: Any, wait: float) -> None:
+        session = self.session
+        if backend_is_async(backend):
+            try:
+                backend.result_consumer.drain_events(timeout=wait)
+            except TimeoutError:
+                pass
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    raise
+                # rpc:// lost the broker; Celery reconnects on the next drain.
+                self.failures.broker_trouble(exc)
+                session.wake.wait(BROKER_RETRY_S)
+            self.failures.check_reply_connection(backend)
+            return
+        # Backends without push (file://, databases): poll what is in flight.
+        for task_id, copy in list(session.copies.items()):
+            meta = backend.get_task_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                set_result_from_meta(copy.result, meta)
+                self._on_ready(copy.result)
+        if session.copies and not session.finished:
+            session.wake.wait(wait)
+            session.wake.clear()
+
+    def _on_ready(self, result: Any) -> None:
+        session = self.session
+        revoke: list[str] = []
+        with session.lock:
+            copy = session.copies.pop(result.id, None)
+            if copy is None:  # a late or duplicate result: ignored
+                session.stats.late_results += 1
+                return
+            work, node = copy.work, copy.node
+            session.members.released(node)
+            if result.state != states.SUCCESS and is_worker_lost(result.result):
+                if not self.has_copy(work):
+                    self.failures.failed_try(work, node, f"its worker process died ({result.result})")
+                return
+            # The first copy to finish wins; the other is revoked.
+            revoke = self.drop_copies(work)
+            if not revoke and not work.backed_up:
+                self.failures.durations.append(time.monotonic() - copy.sent_at)
+        if revoke:
+            self.revoke(revoke, terminate=True)
+        # The copy that won: its result is verified against its own task id.
+        work.task_id, work.node = result.id, node
+        if result.state == states.SUCCESS:
+            work.result = result.result
+        else:
+            work.error = ClusterSearchError(
+                f"work sent to node {node!r} failed in Celery "
+                f"({result.state}): {result.result!r}"
+            )
+        session.finished.append(work)
+
+    def _finish_ready(self) -> None:
+        session, stats = self.session, self.session.stats
+        while session.finished:
+            work = session.finished.popleft()
+            if work.future.done():  # pragma: no cover - finished twice: a bug
+                logger.error("a batch finished twice; ignored the second time")
+                continue
+            output: Any = None
+            if work.error is None and isinstance(work.result, Local):
+                output = work.result.output
+                if work.result.gave_up:
+                    session.progress.advance(work.n_calls)
+            elif work.error is None:
+                try:
+                    value = self.open_result(work)
+                except MessageRejected as exc:
+                    work.error = exc
+                else:
+                    output = value["output"]
+                    if value.get("stdout"):
+                        sys.stdout.write(value["stdout"])
+                    if isinstance(output, RemoteFailure):
+                        work.error = output.exception_with_traceback()
+                    else:
+                        stats.fits_per_node[value["node"]] += work.n_calls
+                        stats.pids.add((value["node"], value["pid"]))
+                        session.progress.advance(work.n_calls)
+                    stats.tasks_per_node[value["node"]] += 1
+            if work.error is not None:
+                work.future.set_exception(work.error)
+            else:
+                work.future.set_result(output)
+            work.batch = None
+            if work.callback is not None:
+                try:
+                    work.callback(work.future)
+                except Exception:  # pragma: no cover - joblib's own bug
+                    logger.exception("joblib callback failed")
+
+    def open_result(self, work: Work) -> dict[str, Any]:
+        """Verify (with a secret) and unpickle what a node sent back."""
+        envelope = work.result
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
+            raise MessageRejected(
+                f"node {work.node!r} sent back something that is not a clustersearch "
+                f"result ({type(envelope).__name__}): is it running the same version?"
+            )
+        try:
+            self.session.signer.verify(
+                "result", work.task_id, envelope["payload"], envelope.get("auth")
+            )
+        except MessageRejected as exc:
+            raise MessageRejected(f"result of node {work.node!r} refused: {exc}") from None
+        return loads(envelope["payload"])
+
+    # -- copies
+
+    def has_copy(self, work: Work) -> bool:
+        """Whether another copy of ``work`` is in flight or waits to be sent."""
+        session = self.session
+        return any(c.work is work for c in session.copies.values()) or any(
+            w is work for w in session.pending
+        )
+
+    def drop_copies(self, work: Work) -> list[str]:
+        """Forget the other copies of ``work``; the task ids of those in flight."""
+        session = self.session
+        for waiting in [w for w in session.pending if w is work]:
+            session.pending.remove(waiting)
+        ids = [tid for tid, c in session.copies.items() if c.work is work]
+        for task_id in ids:
+            session.members.released(session.copies.pop(task_id).node)
+        return ids
+
+    def fail_everything(self, error: BaseException) -> None:
+        session = self.session
+        with session.lock:
+            session.failure = error
+            works = list(session.pending) + [c.work for c in session.copies.values()]
+            session.pending.clear()
+            session.copies.clear()
+        for work in {id(w): w for w in works}.values():
+            work.error = error
+            session.finished.append(work)
+        self._finish_ready()
+
+    # -- broker chores
+
+    def revoke(self, task_ids: list[str], terminate: bool = False) -> None:
+        try:
+            self.session.app.control.revoke(task_ids, terminate=terminate, signal=STOP_SIGNAL)
+        except Exception:  # the search ends anyway; nodes drop stale work
+            logger.warning("could not revoke %d tasks", len(task_ids), exc_info=True)
+
+    def reclaim(self, name: str, task_ids: list[str]) -> bool:
+        """Take ``task_ids`` out of node ``name``'s queue; False on failure."""
+        session = self.session
+        try:
+            deleted = reclaim(session.app, session.members.nodes[name].queue, task_ids)
+        except Exception:
+            logger.warning("could not reclaim the queue of node %r", name, exc_info=True)
+            return False
+        if deleted:
+            logger.info("took %d batches out of node %r's queue", deleted, name)
+        return True

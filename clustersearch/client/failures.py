@@ -1,0 +1,254 @@
+"""What the dispatcher does when nodes, workers or the broker fail.
+
+A heartbeat round lost a node: its unfinished work goes to the other nodes,
+its stale copies are revoked and taken out of its queue, and whatever it
+sends later is ignored (results are matched on task ids). A node that
+answers for the first time (or again) joins, once it passes the pre-flight
+checks. A batch whose worker process died is sent again, call by call, at
+most ``max_retries`` times, then ends as scikit-learn's ``error_score``
+entry. When no batch waits, a batch in flight for ``straggler_factor``
+times the usual time is also sent to an idle node; the first result wins.
+With no node, or no broker, for ``no_node_timeout`` seconds the search fails
+instead of waiting forever. The decisions themselves are plain functions
+(:mod:`.recovery`, :mod:`.membership`); this class applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING, Any
+
+from .._compat import is_rpc_backend, result_consumer_connection
+from ..exceptions import NodeFailureError
+from .recovery import (
+    backups,
+    deadline_error,
+    failed_outputs,
+    split_batch,
+    straggler_threshold,
+)
+from .work import Local, Part, Whole, Work
+
+if TYPE_CHECKING:
+    from .cluster import NodeInfo
+    from .dispatch import Dispatcher
+    from .session import Session
+
+__all__ = ["Failures"]
+
+logger = logging.getLogger(__name__)
+
+
+class Failures:
+    """Applies the session's failure policy (runs in the dispatcher thread)."""
+
+    def __init__(self, session: Session, dispatcher: Dispatcher) -> None:
+        self.session = session
+        self.dispatcher = dispatcher
+        self.beats: deque[tuple[float, Any, BaseException | None]] = deque()
+        self.durations: deque[float] = deque(maxlen=64)
+        self.stale: defaultdict[str, set[str]] = defaultdict(set)  # lost node -> task ids
+        self.refused: set[str] = set()
+        self.broker_down_since: float | None = None
+        self._reply_connection: Any = None
+
+    # -- nodes
+
+    def check_nodes(self) -> None:
+        """Apply the heartbeat rounds that came in: lose, take in nodes."""
+        members = self.session.members
+        while self.beats:
+            t, nodes, error = self.beats.popleft()
+            if error is not None:
+                self.broker_trouble(error)
+                continue
+            if self.broker_down_since is not None:
+                self.broker_back()
+            outcome = members.beat(t, nodes)
+            for name, reason, info in outcome.lost:
+                self.lose_node(name, reason, **info)
+            for node in outcome.joining:
+                self.add_node(node)
+
+    def add_node(self, info: NodeInfo) -> None:
+        session = self.session
+        if session.admit is not None:
+            try:
+                session.admit(info)
+            except Exception as exc:
+                if info.name not in self.refused:
+                    self.refused.add(info.name)
+                    logger.warning("node %r answered but gets no work: %s", info.name, exc)
+                    session.stats.event("refused", info.name, why=str(exc))
+                return
+        self.refused.discard(info.name)
+        with session.lock:
+            again = info.name in session.members.lost
+            session.members.add(info, time.monotonic())
+        logger.warning("node %r joined the search", info.name)
+        session.stats.event("joined", info.name, again=again)
+
+    def lose_node(self, name: str, reason: str, **info: Any) -> None:
+        """Take ``name`` out of the rotation and send its work elsewhere."""
+        session = self.session
+        now = time.monotonic()
+        logger.warning("node %r is lost (%s): rerouting its work", name, reason)
+        with session.lock:
+            if not session.members.remove(name, now):
+                return
+            stale = [tid for tid, c in session.copies.items() if c.node == name]
+            for task_id in stale:
+                # Its result, should it ever come, no longer matches anything.
+                work = session.copies.pop(task_id).work
+                if not self.dispatcher.has_copy(work):
+                    self.failed_try(work, name, f"the node stopped answering: {reason}")
+            self.stale[name].update(stale)
+        silent = now - session.members.last_seen.get(name, now)
+        session.stats.event("lost", name, silent_s=silent, rerouted=len(stale), **info)
+        if stale:
+            self.dispatcher.revoke(stale, terminate=True)
+            if self.dispatcher.reclaim(name, stale):
+                self.stale[name].difference_update(stale)
+
+    def sweep_lost_queues(self) -> None:
+        """Take this session's stale work out of the queues of lost nodes."""
+        for name, task_ids in list(self.stale.items()):
+            if task_ids and name not in self.session.members.window:
+                if self.dispatcher.reclaim(name, list(task_ids)):
+                    task_ids.clear()
+
+    # -- retries
+
+    def failed_try(self, work: Work, node: str | None, what: str) -> None:
+        """A copy of ``work`` died with its process or node: retry or give up."""
+        session = self.session
+        with session.lock:
+            if work.tries is None:
+                # A call of a batch retried call by call inherits its tries.
+                parent = work.callback.parent if isinstance(work.callback, Part) else None
+                work.tries = list(parent.tries or ()) if parent is not None else []
+            work.tries.append((node, what))
+            if node is not None:
+                session.stats.event("worker-lost", node, what=what, tries=len(work.tries))
+            if len(work.tries) > session.policy.max_retries:
+                self._give_up(work)
+                return
+            parts = split_batch(work.batch) if work.n_calls > 1 else None
+            if parts is None:
+                work.avoid = {n for n, _ in work.tries if n is not None}
+                session.pending.appendleft(work)
+                session.wake.set()
+                return
+        # Retried call by call, so that one fit that kills its worker does
+        # not take the batch's other fits down with it.
+        whole = Whole(session.finished, work, len(parts))
+        for index, part in enumerate(parts):
+            session.submit(part, Part(whole, index))
+
+    def _give_up(self, work: Work) -> None:
+        session = self.session
+        tries = work.tries or []
+        places = "; ".join(f"on node {n!r}: {what}" for n, what in tries)
+        error = NodeFailureError(
+            f"a batch of {work.n_calls} fit(s) was lost {len(tries)} times "
+            f"({places}); it is not sent again (max_retries={session.policy.max_retries}). "
+            "A fit that kills its worker every time usually runs out of memory"
+        )
+        logger.warning("%s", error)
+        session.stats.event("gave-up", tries[-1][0] if tries else None, tries=len(tries))
+        try:
+            outputs = failed_outputs(work.batch, error)
+        except BaseException as exc:
+            work.error = exc
+        else:
+            work.result = Local(outputs, gave_up=True)
+        session.finished.append(work)
+
+    def back_up_stragglers(self) -> None:
+        """When nothing waits, send a straggler's batch to an idle node too."""
+        session = self.session
+        if session.pending:
+            return
+        late = straggler_threshold(self.durations, session.policy)
+        if late is None:
+            return
+        with session.lock:
+            idle = session.members.idle_slots()
+            if not idle:
+                return
+            in_flight = sorted(
+                ((c.work, c.node, c.sent_at) for c in session.copies.values()),
+                key=lambda entry: entry[2],
+            )
+            chosen = backups(
+                in_flight, idle, late, time.monotonic(),
+                skip=lambda work: work.backed_up or work in session.pending,
+            )  # fmt: skip
+            for work, node, target, waited in chosen:
+                work.backed_up = True
+                work.avoid = {node}
+                session.pending.append(work)
+                session.stats.event("straggler", node, waited_s=waited, late_s=late, backup=target)
+
+    # -- deadlines and the broker
+
+    def check_deadlines(self) -> None:
+        session = self.session
+        if session.failure is not None:
+            return
+        error = deadline_error(
+            time.monotonic(),
+            no_nodes_since=session.members.no_nodes_since,
+            broker_down_since=self.broker_down_since,
+            lost=session.members.lost,
+            broker=session.broker,
+            timeout=session.policy.no_node_timeout,
+        )
+        if error is not None:
+            self.dispatcher.fail_everything(error)
+
+    def broker_trouble(self, exc: BaseException) -> None:
+        if self.broker_down_since is None:
+            logger.warning("lost the broker %r: %r", self.session.broker, exc)
+            self.broker_down_since = time.monotonic()
+            self.session.stats.event("broker-down", error=repr(exc))
+
+    def broker_back(self) -> None:
+        session = self.session
+        now = time.monotonic()
+        assert self.broker_down_since is not None
+        down = now - self.broker_down_since
+        self.broker_down_since = None
+        logger.warning("the broker %r is back after %.1f s", session.broker, down)
+        session.stats.event("broker-up", down_s=down)
+        session.members.broker_back(now)
+        if is_rpc_backend(session.app.backend):
+            # rpc:// results published while the broker was away are lost.
+            self.resend_in_flight()
+
+    def check_reply_connection(self, backend: Any) -> None:
+        """rpc://: a new reply connection means results may have been lost.
+
+        Celery's rpc:// consumer reconnects by itself, and what nodes sent
+        while its reply queue was gone (a broker restart) is lost: send what
+        is in flight again, whether or not the outage was noticed otherwise.
+        """
+        connection = result_consumer_connection(backend)
+        if connection is None or connection is self._reply_connection:
+            return
+        if self._reply_connection is not None:
+            logger.warning("the rpc:// result consumer reconnected: resending the work in flight")
+            self.session.stats.event("results-lost")
+            self.resend_in_flight()
+        self._reply_connection = connection
+
+    def resend_in_flight(self) -> None:
+        """Send every batch in flight once more (the first result still wins)."""
+        session = self.session
+        with session.lock:
+            for copy in list(session.copies.values()):
+                if not copy.work.backed_up:
+                    copy.work.backed_up = True
+                    session.pending.append(copy.work)

@@ -1,0 +1,223 @@
+"""A cluster on this machine: real worker processes, started as a user would.
+
+Without a broker the nodes talk over an embedded transport (kombu's
+filesystem transport, in a private folder) that needs no server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+from ..exceptions import NodeStartupError
+from ..wire.signing import load_secret
+from .cluster import Cluster, redact
+
+__all__ = ["LocalCluster"]
+
+
+class LocalCluster(Cluster):
+    """Start clustersearch nodes on this machine.
+
+    Each node is a real ``clustersearch worker`` process, started the way a
+    user starts one. Without ``broker_url`` they talk over an embedded
+    transport (kombu's filesystem transport, in a private temporary folder)
+    that needs no server.
+
+    Parameters
+    ----------
+    n_workers : int, default=None
+        Nodes to start; None starts one per CPU core.
+    concurrency : int, default=1
+        Worker processes per node.
+    broker_url : str, default=None
+        A broker to start the nodes on instead of the embedded transport.
+    backend : str, default=None
+        Result backend, as for :class:`Cluster`.
+    startup_timeout : float, default=60.0
+        Seconds to wait for every node to answer.
+    allow_root : bool, default=None
+        Let the nodes run as root. None allows it for the embedded transport
+        only, whose folder no other user can write to.
+    loglevel : str, default="WARNING"
+    cache_size : int or str, default=None
+        Bound of the nodes' data cache (``"2GB"``, ``"512MiB"``, bytes);
+        None is the worker's default, 2 GiB. The nodes of one LocalCluster
+        share one cache folder, as the nodes of one machine do by default.
+    **kwargs
+        Passed to :class:`Cluster`.
+
+    Attributes
+    ----------
+    node_names : list of str
+    directory : str
+        The private folder (embedded transport, node logs, data cache).
+    cache_dir : str
+        The nodes' data cache.
+
+    Examples
+    --------
+    >>> from clustersearch import LocalCluster, ClusterGridSearchCV
+    >>> with LocalCluster(n_workers=2) as cluster:  # doctest: +SKIP
+    ...     ClusterGridSearchCV(estimator, grid, cluster=cluster).fit(X, y)
+    """
+
+    def __init__(
+        self,
+        n_workers=None,
+        *,
+        concurrency=1,
+        broker_url=None,
+        backend=None,
+        startup_timeout=60.0,
+        allow_root=None,
+        loglevel="WARNING",
+        cache_size=None,
+        **kwargs,
+    ):
+        self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
+        self.cache_size = cache_size
+        if kwargs.get("secret") is None and load_secret() is None:
+            # Signed by default: only this client can give these nodes work.
+            kwargs["secret"] = secrets.token_hex(32)
+        self.concurrency = concurrency
+        self.startup_timeout = startup_timeout
+        self.loglevel = loglevel
+        self.directory = tempfile.mkdtemp(prefix="clustersearch-")
+        self.cache_dir = str(Path(self.directory, "cache"))
+        embedded = broker_url is None
+        if embedded:
+            broker_url = "filesystem://" + str(Path(self.directory, "transport"))
+        self.allow_root = embedded if allow_root is None else allow_root
+        super().__init__(broker_url, backend, **kwargs)
+        token = os.path.basename(self.directory).rsplit("-", 1)[-1][:6].lower()
+        self.node_names = [f"local{i}-{token}" for i in range(self.n_workers)]
+        self._procs = []
+        self._finalizer = weakref.finalize(self, _stop, self._procs, self.directory)
+        try:
+            self._start()
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def secret(self) -> str:
+        """The secret these nodes hold: give it to other clients of theirs
+        (``Cluster(broker_url, secret=...)``)."""
+        return os.fsdecode(self._signer.secret)
+
+    def __reduce__(self):
+        # On a node (a search pickles itself) this is only a reference.
+        return (Cluster, (self.broker_url, self.backend), self._public_state())
+
+    def __repr__(self):
+        return f"LocalCluster(n_workers={self.n_workers}, broker={redact(self.broker_url)!r})"
+
+    def _broadcast_scope(self):
+        host = socket.gethostname()
+        return {
+            "destination": [f"{name}@{host}" for name in self.node_names],
+            "limit": len(self.node_names),
+        }
+
+    def _start(self):
+        logs = Path(self.directory, "logs")
+        logs.mkdir(exist_ok=True)
+        # The nodes share this machine's cores: cap each fit's BLAS/OpenMP
+        # threads to its share, or n nodes would each use every core.
+        env = dict(os.environ)
+        processes = max(1, self.n_workers * self.concurrency)
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        # The secret travels in the environment, never on a command line.
+        env.pop("CLUSTERSEARCH_SECRET_FILE", None)
+        env["CLUSTERSEARCH_SECRET"] = os.fsdecode(self._signer.secret)
+        for name in self.node_names:
+            cmd = [
+                sys.executable, "-m", "clustersearch", "worker",
+                "--broker", self.broker_url,
+                "--name", name,
+                "--concurrency", str(self.concurrency),
+                "--loglevel", self.loglevel,
+                "--cache-dir", self.cache_dir,
+                "--threads-per-process", str(threads),
+            ]  # fmt: skip
+            if self.cache_size is not None:
+                cmd += ["--cache-size", str(self.cache_size)]
+            if self.backend:
+                cmd += ["--backend", self.backend]
+            if self.allow_root:
+                cmd.append("--allow-root")
+            log = open(logs / f"{name}.log", "ab")
+            try:
+                # A session of its own: Ctrl-C in the client does not stop it.
+                proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            finally:
+                log.close()
+            self._procs.append(proc)
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            for name, proc in zip(self.node_names, self._procs):
+                if proc.poll() is not None:
+                    raise NodeStartupError(
+                        f"node {name!r} exited with code {proc.returncode} while "
+                        f"starting; its log says:\n{self.log(name)[-3000:]}"
+                    )
+            found = {node.name for node in self.nodes(timeout=0.5)}
+            if found >= set(self.node_names):
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.node_names) - found)
+                raise NodeStartupError(
+                    f"nodes {missing} did not answer within {self.startup_timeout} s; "
+                    f"the first one's log says:\n{self.log(missing[0])[-3000:]}"
+                )
+
+    def log(self, name) -> str:
+        """The log of node ``name`` so far."""
+        path = Path(self.directory, "logs", f"{name}.log")
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def processes(self):
+        """The nodes' main processes (``subprocess.Popen``), by node name."""
+        return dict(zip(self.node_names, self._procs))
+
+    def close(self):
+        """Stop the nodes and remove the private folder."""
+        super().close()
+        self._finalizer()
+
+
+def _stop(procs, directory):
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                # Cold shutdown: running fits are abandoned, not waited for.
+                os.killpg(proc.pid, signal.SIGQUIT)
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+
+

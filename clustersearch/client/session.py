@@ -1,0 +1,234 @@
+"""One search's use of the cluster: what joblib's backend talks to.
+
+A :class:`Session` holds the work of one search (or one ``Cluster.joblib()``
+block): what waits to be sent, what is in flight where, what came back. It
+starts no thread until :meth:`Session.start`; the dispatcher thread
+(:mod:`.dispatch`) does every broker I/O, the heartbeat thread
+(:class:`.recovery.Watcher`) watches the nodes, and :mod:`.membership`
+decides which node gets the next batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import NotPicklableError
+from ..wire.serialization import dumps_with_blobs
+from ..wire.signing import Signer
+from .blobs import BlobServer, BlobTable
+from .dispatch import Dispatcher
+from .membership import Membership
+from .policy import Policy
+from .progress import Progress
+from .recovery import Watcher
+from .work import Copy, Part, Work
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .cluster import NodeInfo
+
+__all__ = ["Session", "Stats", "Work"]
+
+
+@dataclass
+class Stats:
+    """What a session did, for the fitted search and the tests.
+
+    ``events`` lists what happened to the nodes, in order: ``{"t":
+    time.monotonic(), "event": ..., "node": ..., ...}`` with events "lost"
+    (and ``silent_s``), "joined", "worker-lost", "gave-up", "straggler",
+    "broker-down", "broker-up", "results-lost", "refused" (a joining node
+    that fails the pre-flight checks). ``late_results`` counts results that
+    came after their work was done or sent elsewhere: ignored.
+    """
+
+    fits_per_node: Counter = field(default_factory=Counter)
+    tasks_per_node: Counter = field(default_factory=Counter)
+    task_bytes_per_node: Counter = field(default_factory=Counter)
+    pids: set = field(default_factory=set)  # (node, pid) of processes that ran fits
+    events: list = field(default_factory=list)
+    late_results: int = 0
+
+    def event(self, event: str, node: str | None = None, **info: Any) -> None:
+        self.events.append({"t": time.monotonic(), "event": event, "node": node, **info})
+
+
+class Session:
+    """One search's (or one ``Cluster.joblib()`` block's) use of the cluster.
+
+    Parameters
+    ----------
+    app : celery.Celery
+        The client's app (its broker and result backend).
+    nodes : list of NodeInfo
+        The live nodes to send work to.
+    policy : Policy
+    progress : Progress or None
+    broker : str
+        The broker's URL without password, for messages.
+    signer : Signer or None
+        Signs work and verifies results (see ``wire.signing``).
+    discover : callable, default=None
+        ``discover(timeout)`` returns the nodes that answer (heartbeat and
+        discovery of joining nodes); None turns failure detection off.
+    admit : callable, default=None
+        ``admit(node)`` raises if a node that joins mid-search must not get
+        work (the pre-flight checks: secret, versions).
+    drop : object, default=None
+        Sent as None wherever it occurs in a batch: the search itself, which
+        scikit-learn passes to every fit for callbacks only.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        nodes: Iterable[NodeInfo],
+        *,
+        policy: Policy | None = None,
+        progress: Progress | None = None,
+        broker: str = "",
+        signer: Signer | None = None,
+        discover: Callable[[float], list[NodeInfo]] | None = None,
+        admit: Callable[[NodeInfo], None] | None = None,
+        drop: object = None,
+    ) -> None:
+        self.app = app
+        self.policy = policy or Policy()
+        self.signer = signer or Signer(None)
+        self.members = Membership(nodes, self.policy, time.monotonic())
+        self.progress = progress or Progress(enabled=False)
+        self.stats = Stats()
+        self.broker = broker
+        self.discover = discover
+        self.admit = admit
+        self.drop = drop
+        self.pending: deque[Work] = deque()
+        self.finished: deque[Work] = deque()
+        self.copies: dict[str, Copy] = {}  # task id -> copy in flight
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.failure: BaseException | None = None
+        # Large arrays go to each node once, on request (see client.blobs).
+        self.blobs = BlobTable()
+        self.blob_server: BlobServer | None = None
+        self.dispatcher = Dispatcher(self)
+        self._watcher: Watcher | None = None
+
+    # -- life cycle
+
+    def start(self) -> Session:
+        """Start the blob server, the dispatcher and the heartbeat threads."""
+        self.blob_server = BlobServer(self.app, self.blobs)
+        self.dispatcher.start()
+        if self.discover is not None:
+            self._watcher = Watcher(self.discover, self.policy, self.dispatcher.post_beat)
+            self._watcher.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the threads; revoke whatever is still outstanding."""
+        self.cancel_pending()
+        if self._watcher is not None:
+            # Not joined: it may be waiting for replies, and has nothing
+            # left to tell.
+            self._watcher.stop()
+        self.dispatcher.stop()
+        if self.blob_server is not None:
+            self.blob_server.close()
+        self.progress.close()
+
+    def __enter__(self) -> Session:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- what joblib calls, from any thread
+
+    @property
+    def capacity(self) -> int:
+        """The live nodes' total concurrency."""
+        return self.members.capacity
+
+    def submit(self, func: Any, callback: Callable | None = None) -> Future:
+        """Queue ``func`` (a joblib batch) for a node; return its future."""
+        n_calls = len(func) if hasattr(func, "__len__") else 1
+        try:
+            payload, refs = dumps_with_blobs(func, self.blobs, self.drop)
+            work = Work(payload, callback, n_calls, refs=refs, batch=func)
+        except Exception as exc:
+            error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
+            error.__cause__ = exc
+            work = Work(None, callback, n_calls, error=error, batch=func)
+        with self.lock:
+            if self.failure is not None:
+                work.error = self.failure
+            (self.finished if work.error else self.pending).append(work)
+        self.wake.set()
+        return work.future
+
+    def cancel_pending(self) -> None:
+        """Drop the work not done yet; revoke (and stop) what nodes hold."""
+        with self.lock:
+            dropped = list(self.pending)
+            self.pending.clear()
+            task_ids = list(self.copies)
+            # Forgotten: what they send now (revoked, a dead worker) is
+            # ignored, and nothing of theirs is sent again.
+            for copy in self.copies.values():
+                dropped.append(copy.work)
+                self.members.released(copy.node)
+            self.copies.clear()
+        for work in dropped:
+            work.future.cancel()
+            if isinstance(work.callback, Part):
+                work.callback.parent.future.cancel()
+        if task_ids:
+            # Terminate what runs: nodes do not keep computing a dead search.
+            self.dispatcher.revoke(task_ids, terminate=True)
+
+    # -- statistics (read by the estimators)
+
+    @property
+    def nodes(self) -> dict[str, NodeInfo]:
+        return self.members.nodes
+
+    @property
+    def fits_per_node(self) -> Counter:
+        return self.stats.fits_per_node
+
+    @property
+    def tasks_per_node(self) -> Counter:
+        return self.stats.tasks_per_node
+
+    @property
+    def task_bytes_per_node(self) -> Counter:
+        return self.stats.task_bytes_per_node
+
+    @property
+    def pids(self) -> set:
+        return self.stats.pids
+
+    @property
+    def events(self) -> list:
+        return self.stats.events
+
+    @property
+    def late_results(self) -> int:
+        return self.stats.late_results
+
+    @property
+    def lost_nodes(self) -> list[str]:
+        return self.members.lost
+
+    @property
+    def data_bytes_per_node(self) -> Counter:
+        """Bytes of data (blobs) sent to each node."""
+        return self.blob_server.bytes_per_node if self.blob_server else Counter()

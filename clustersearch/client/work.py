@@ -1,0 +1,99 @@
+"""A batch of work and its copies, as the session tracks them."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Copy", "Local", "Part", "Whole", "Work"]
+
+
+class Work:
+    """One joblib batch: its payload, its future, and what happened to it."""
+
+    __slots__ = (
+        "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
+        "task_id", "batch", "tries", "avoid", "backed_up",
+    )  # fmt: skip
+
+    def __init__(self, payload, callback, n_calls, error=None, refs=(), batch=None):
+        self.payload = payload
+        self.refs = refs
+        self.task_id: str | None = None
+        self.callback = callback
+        self.future: Future = Future()
+        self.n_calls = n_calls
+        self.node: str | None = None
+        # The result envelope as it came from the broker, or a Local result.
+        self.result: Any = None
+        self.error: BaseException | None = error
+        self.batch = batch  # the joblib batch itself (to split it, or fail it)
+        self.tries: list[tuple[str | None, str]] | None = None  # (node, what happened)
+        self.avoid: set[str] = set()  # nodes it should not go back to
+        self.backed_up = False  # a second copy was sent
+
+
+@dataclass(eq=False)
+class Copy:
+    """One sending of a batch: a batch may have two copies in flight (a
+    straggler's backup); the first result wins."""
+
+    work: Work
+    node: str
+    sent_at: float
+    result: Any  # Celery's AsyncResult
+
+
+class Local:
+    """A result made in the client (a lost fit's error_score result, or a
+    batch retried call by call, its calls' results put together). Only this
+    class marks a result as local: nothing from the wire can be one."""
+
+    __slots__ = ("output", "gave_up")
+
+    def __init__(self, output, gave_up=False):
+        self.output = output
+        self.gave_up = gave_up
+
+
+class Whole:
+    """A batch retried call by call: its result once every call is back."""
+
+    def __init__(self, finished: Any, work: Work, n_parts: int) -> None:
+        self.finished = finished  # where the whole goes when done
+        self.work = work
+        self.outputs: list[Any] = [None] * n_parts
+        self.left = n_parts
+        self.error: BaseException | None = None
+
+    def part_done(self, index: int, future: Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self.error = self.error or future.exception()
+        else:
+            self.outputs[index] = future.result()[0]
+        self.left -= 1
+        if self.left == 0:
+            work = self.work
+            if self.error is not None:
+                work.error = self.error
+            else:
+                work.result = Local(self.outputs)
+            self.finished.append(work)
+
+
+class Part:
+    """The callback of one call of a batch that is retried call by call."""
+
+    def __init__(self, whole: Whole, index: int) -> None:
+        self.whole = whole
+        self.index = index
+
+    @property
+    def parent(self) -> Work:
+        return self.whole.work
+
+    def __call__(self, future: Future) -> None:
+        self.whole.part_done(self.index, future)

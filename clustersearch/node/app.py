@@ -1,0 +1,38 @@
+"""A node's Celery app: the shared configuration, the task, the pool."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from ..wire.config import create_app
+from ..wire.protocol import STOP_SIGNAL, TASK_NAME
+from . import control  # noqa: F401  (registers the info command)
+from .guard import install_fit_guard
+from .settings import CONF_KEY, NodeSettings
+from .task import run_batch
+
+__all__ = ["create_node_app"]
+
+
+def create_node_app(
+    broker_url: str, backend_url: str | None = None, settings: NodeSettings | None = None
+) -> Celery:
+    """The Celery app a node runs: ``run_batch`` on its own queue."""
+    app = create_app(broker_url, backend_url)
+    app.conf.update(
+        {
+            CONF_KEY: settings or NodeSettings(),
+            "worker_pool": "clustersearch.node.pool:TaskPool",
+            # The embedded transport's blocking pool fails the fit of a pool
+            # process that died (OOM killer, SIGKILL) only after this wait for
+            # a result it might have sent (Celery's default, 10 s, for each
+            # lost fit); a result travels in milliseconds. The event-loop pool
+            # of the other transports fails it as soon as it reaps the
+            # process, which TaskPool looks for every POOL_CHECK_S.
+            "worker_lost_wait": 1.0,
+        }
+    )
+    app.task(name=TASK_NAME, bind=True, shared=False)(run_batch)
+    worker_process_init.connect(install_fit_guard, weak=False, dispatch_uid=STOP_SIGNAL)
+    return app

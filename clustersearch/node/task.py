@@ -1,0 +1,146 @@
+"""The task every node runs: verify a batch, fetch its data, fit, sign."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import MessageRejected
+from ..wire.protocol import RemoteFailure, node_name
+from ..wire.serialization import dumps
+from ..wire.signing import Signer
+from .cache import NodeCache
+from .guard import fit_guard
+from .settings import CONF_KEY, NodeSettings
+
+__all__ = ["run_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Runtime:
+    """What one process of a node builds once from the node's settings."""
+
+    settings: NodeSettings
+    cache: NodeCache
+    signer: Signer
+    threads: Any = None
+
+    def cap_threads(self) -> None:
+        """Cap BLAS/OpenMP threads so that the node's processes share its cores."""
+        if self.threads is None:
+            from threadpoolctl import ThreadpoolController
+
+            self.threads = ThreadpoolController()
+        self.threads.limit(limits=self.settings.threads_per_process)
+
+
+_runtime: _Runtime | None = None
+
+
+def runtime(app: Any) -> _Runtime:
+    """This process's cache and signer, from the app's NodeSettings."""
+    global _runtime
+    settings = app.conf[CONF_KEY]
+    if _runtime is None or _runtime.settings is not settings:
+        _runtime = _Runtime(
+            settings,
+            NodeCache(settings.cache_dir, settings.cache_bytes),
+            Signer(settings.secret, max_age=settings.max_age_s),
+        )
+    return _runtime
+
+
+def _reject(task_id: str, node: str, why: str) -> None:
+    logger.error("node %s rejected task %s, nothing in it was run: %s", node, task_id, why)
+    raise MessageRejected(f"node {node!r} rejected the task: {why}")
+
+
+def _seen_marker(cache: NodeCache, task_id: str) -> Path | None:
+    folder = cache.directory / ".seen"
+    folder.mkdir(exist_ok=True)
+    if not task_id or "/" in task_id or task_id.startswith("."):
+        return None
+    return folder / task_id
+
+
+def run_batch(task: Any, payload: Any, source: Any = None, blobs: Any = (), auth: Any = None):
+    """Run one joblib batch of calls; return its results and where it ran.
+
+    ``payload`` is the pickled batch. It is verified (with a secret) and
+    unpickled here, not by Celery: a payload that fails verification is
+    refused unread, and one that cannot be loaded on this node (a missing
+    module, a version mismatch) comes back to the client as an error instead
+    of a dropped message. ``blobs`` lists the ``(digest, kind)`` of the
+    arrays the payload refers to; those the node lacks are fetched from the
+    client's queue ``source`` first.
+
+    Returns ``{"payload": pickled result, "auth": signature}``.
+    """
+    node = node_name(task.request.hostname)
+    task_id = task.request.id or ""
+    here = runtime(task.app)
+    signer = here.signer
+    if not isinstance(payload, bytes):
+        _reject(task_id, node, f"the payload is {type(payload).__name__}, not bytes")
+    limit = here.settings.max_payload
+    if len(payload) > limit:
+        _reject(task_id, node, f"a {len(payload)}-byte payload is over the "
+                f"{limit}-byte limit (--max-payload)")  # fmt: skip
+    try:
+        refs = [(str(d), str(k)) for d, k in blobs]
+    except (TypeError, ValueError):
+        _reject(task_id, node, "malformed list of data references")
+    context = [source, [list(r) for r in refs]]
+    try:
+        signer.verify("task", task_id, payload, auth, context)
+    except MessageRejected as exc:
+        _reject(task_id, node, str(exc))
+    marker = _seen_marker(here.cache, task_id) if signer.enabled else None
+    if marker is not None and marker.exists():
+        _reject(task_id, node, "this task id already ran here (a replayed message)")
+
+    started = time.time()
+    printed = io.StringIO()
+    fetched = 0
+    try:
+        from joblib import parallel_config
+
+        here.cap_threads()
+        fetched = here.cache.ensure(refs, source, task.app.connection_for_write, node)
+        batch = here.cache.loads(payload)
+        # One fit per process: joblib calls made inside a fit run
+        # sequentially here (the node's processes already fill its cores).
+        # What the fits print (scikit-learn's verbose lines) goes back to the
+        # client, which prints it there.
+        with fit_guard.fit(), parallel_config(backend="sequential"):
+            with redirect_stdout(printed):
+                output = batch()
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        output = RemoteFailure(exc, node)
+    result = {
+        "output": output,
+        "stdout": printed.getvalue(),
+        "node": node,
+        "pid": os.getpid(),
+        "fetched": fetched,
+        "started": started,
+        "finished": time.time(),
+    }
+    try:
+        data = dumps(result)
+    except Exception as exc:
+        result["output"] = RemoteFailure(exc, node)
+        data = dumps(result)
+    if marker is not None:
+        marker.touch()
+    return {"payload": data, "auth": signer.sign("result", task_id, data)}

@@ -1,0 +1,164 @@
+"""The private upstream APIs clustersearch relies on (clustersearch._compat).
+
+Each test names the API it checks: when an upgrade of scikit-learn, joblib,
+Celery or kombu breaks one, the failure says which, and where it is used.
+"""
+
+import inspect
+
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.svm import SVC
+
+from clustersearch import _compat
+
+
+def test_every_private_api_is_listed_with_the_versions_it_was_checked_against():
+    assert set(_compat.CHECKED_WITH) == {"scikit-learn", "joblib", "celery", "kombu", "billiard"}
+    assert len(_compat.PRIVATE_APIS) >= 10
+
+
+def test_sklearn_FuncWrapper_wraps_every_delayed_call():
+    from sklearn.utils.parallel import delayed
+
+    assert _compat.FuncWrapper is not None, "sklearn.utils.parallel._FuncWrapper is gone"
+    func, args, kwargs = delayed(sum)([1, 2])
+    assert type(func) is _compat.FuncWrapper, "sklearn.utils.parallel._FuncWrapper changed"
+    assert "__doc__" in vars(func), "_FuncWrapper no longer copies the docstring"
+
+
+def test_sklearn_CallbackContext_children_map():
+    assert _compat.CallbackContext is not None, "sklearn.callback.CallbackContext is gone"
+    search = GridSearchCV(SVC(), {"C": [1, 2]})
+    root = _compat.CallbackContext._from_estimator(
+        search, task_name="fit", task_id=0, max_subtasks=None, sequential_subtasks=False
+    )
+    child = root.subcontext(task_name="candidate-split-evaluation", task_id=0)
+    assert child.parent is root
+    assert "_children_map" in vars(root), "CallbackContext._children_map is gone"
+    stripped = _compat.strip_callback_siblings(root)
+    assert stripped is not None and stripped["_children_map"] == {}
+
+
+def test_sklearn_fit_and_score_signature():
+    params = inspect.signature(_compat.fit_and_score()).parameters
+    for name in ("estimator", "X", "y", "scorer", "train", "test", "error_score",
+                 "callback_ctx", "caller"):  # fmt: skip
+        assert name in params, f"_fit_and_score lost its {name!r} parameter"
+
+
+def test_joblib_backend_classes():
+    jb = _compat.joblib_backends()
+    for name in ("ParallelBackendBase", "AutoBatchingMixin", "FallbackToBackend",
+                 "LokyBackend", "SequentialBackend", "ThreadingBackend"):  # fmt: skip
+        assert hasattr(jb, name), f"joblib._parallel_backends.{name} is gone"
+    base = jb.ParallelBackendBase
+    for method in ("submit", "retrieve_result_callback", "configure", "abort_everything",
+                   "get_nested_backend", "effective_n_jobs"):  # fmt: skip
+        assert hasattr(base, method), f"ParallelBackendBase.{method} is gone"
+
+
+def test_joblib_get_active_backend():
+    from joblib import parallel_config
+
+    with parallel_config(backend="threading", n_jobs=2):
+        backend, n_jobs = _compat.get_active_backend()
+    assert type(backend).__name__ == "ThreadingBackend" and n_jobs == 2
+
+
+def test_joblib_BatchedCalls_items_and_size():
+    from joblib.parallel import BatchedCalls
+
+    batch = BatchedCalls(
+        [(abs, (-1,), {}), (abs, (-2,), {})], ("sequential", 1), reducer_callback=None
+    )
+    calls = _compat.batch_calls(batch)
+    assert calls is not None and len(calls) == 2, "BatchedCalls.items changed"
+    part = _compat.batch_with_calls(batch, calls[1:])
+    assert part() == [2] and len(part) == 1, "BatchedCalls._size changed"
+
+
+def test_celery_maybe_set_cache_sets_a_polled_result():
+    from celery import Celery
+
+    app = Celery("compat-test", set_as_current=False)
+    app.conf.update(result_backend="cache+memory://")
+    result = app.AsyncResult("t1")
+    _compat.set_result_from_meta(
+        result, {"status": "SUCCESS", "result": 42, "traceback": None, "children": []}
+    )
+    assert result.state == "SUCCESS" and result.result == 42, "AsyncResult._maybe_set_cache changed"
+
+
+def test_celery_result_consumer_connection():
+    from celery.backends.asynchronous import BaseResultConsumer
+
+    source = inspect.getsource(BaseResultConsumer) + inspect.getsource(
+        __import__("celery.backends.rpc", fromlist=["ResultConsumer"]).ResultConsumer
+    )
+    assert "_connection" in source, "rpc:// ResultConsumer._connection is gone"
+
+
+def test_celery_worker_lost_error_is_billiards():
+    from celery.exceptions import WorkerLostError
+
+    assert WorkerLostError is _compat.WorkerLostError
+
+
+def test_celery_rpc_backend_check():
+    from celery import Celery
+
+    app = Celery("compat-test", set_as_current=False)
+    app.conf.update(broker_url="memory://", result_backend="rpc://")
+    assert _compat.is_rpc_backend(app.backend)
+    other = Celery("compat-test2", set_as_current=False)
+    other.conf.update(result_backend="cache+memory://")
+    assert not _compat.is_rpc_backend(other.backend)
+
+
+def test_celery_asynpool_timers_and_maintain_pool():
+    AsynPool, TaskPool = _compat.prefork_pool_classes()
+    assert isinstance(inspect.getattr_static(AsynPool, "timers"), property), (
+        "celery.concurrency.asynpool.AsynPool.timers is no longer a property"
+    )
+    assert hasattr(AsynPool, "maintain_pool"), "AsynPool.maintain_pool is gone"
+    assert hasattr(TaskPool, "Pool"), "celery.concurrency.prefork.TaskPool.Pool is gone"
+
+
+def test_celery_worker_state():
+    waiting, running, started = _compat.worker_pool_state()
+    assert (waiting, running) == (False, 0) and isinstance(started, int)
+
+
+def test_kombu_filesystem_put_and_celery_filesystem_backend():
+    from celery.backends.filesystem import FilesystemBackend
+    from celery.backends.rpc import RPCBackend
+    from kombu.transport import filesystem
+
+    assert hasattr(filesystem.Channel, "_put"), "kombu filesystem Channel._put is gone"
+    assert hasattr(FilesystemBackend, "_filename"), "FilesystemBackend._filename is gone"
+    assert hasattr(FilesystemBackend, "set"), "FilesystemBackend.set is gone"
+    assert hasattr(RPCBackend, "on_task_call"), "RPCBackend.on_task_call is gone"
+
+
+@pytest.mark.parametrize("n_splits", [2])
+def test_search_passes_caller_to_every_fit(n_splits):
+    """clustersearch sends ``caller`` as None: scikit-learn must pass the
+    search as ``caller=`` by keyword (checked by capturing the calls)."""
+    from joblib import parallel_config
+
+    seen = []
+
+    class Capture(_compat.joblib_backends().ThreadingBackend):
+        def submit(self, func, callback=None):
+            for _func, _args, kwargs in _compat.batch_calls(func):
+                seen.append(kwargs.get("caller"))
+            return super().submit(func, callback)
+
+    X = np.random.RandomState(0).normal(size=(20, 2))
+    y = np.arange(20) % 2
+    search = GridSearchCV(SVC(), {"C": [1, 2]}, cv=KFold(n_splits), n_jobs=2)
+    with parallel_config(backend=Capture()):
+        search.fit(X, y)
+    assert seen and all(c is search for c in seen), "scikit-learn no longer passes caller="
