@@ -91,3 +91,34 @@ def test_clustersearch_nodes_lists_the_node(celery_node):
     assert rows[0][:3] == ["NODE", "QUEUE", "CONCURRENCY"]
     mine = [row for row in rows if row and row[0] == name]
     assert mine and mine[0][1] == f"clustersearch.{name}" and mine[0][2] == "1"
+
+
+def test_readmes_secret_file_example_works_as_written(tmp_path):
+    """README: the node reads ``--secret-file``, the client
+    ``secret=open(path).read()``, trailing newline included."""
+    require_servers(BROKER)
+    path = tmp_path / "secret"
+    path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
+    name = f"secretfile-{uuid.uuid4().hex[:6]}"
+    cmd = [
+        sys.executable, "-m", "clustersearch", "worker", "--broker", BROKER,
+        "--name", name, "--concurrency", "1", "--loglevel", "WARNING",
+        "--cache-dir", str(tmp_path / "cache"), "--secret-file", str(path),
+        "--allow-root",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        cluster = Cluster(BROKER, secret=open(path).read())  # as README writes it
+        deadline = time.monotonic() + 60
+        while not any(n.name == name for n in cluster.nodes(timeout=0.5)):
+            assert proc.poll() is None and time.monotonic() < deadline
+        X, y = load_iris(return_X_y=True)
+        search = ClusterGridSearchCV(SVC(), {"C": [1.0]}, cv=2, cluster=cluster).fit(X, y)
+        assert search.fits_per_node_ == {name: 2}
+        cluster.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -40,7 +40,9 @@ DEFAULT_MAX_AGE_S = 3600.0
 def load_secret(secret=None, secret_file=None):
     """The secret as bytes: ``secret``, else ``secret_file``'s content, else
     ``$CLUSTERSEARCH_SECRET``, else ``$CLUSTERSEARCH_SECRET_FILE``; None if
-    none is set."""
+    none is set. Whitespace around it (a file's trailing newline) is not
+    part of the secret, wherever it comes from, so that
+    ``Cluster(secret=open(path).read())`` matches ``--secret-file path``."""
     if secret is None and secret_file is None:
         secret = os.environ.get("CLUSTERSEARCH_SECRET") or None
         if secret is None:
@@ -52,6 +54,7 @@ def load_secret(secret=None, secret_file=None):
         return None
     if isinstance(secret, str):
         secret = secret.encode()
+    secret = bytes(secret).strip()
     if len(secret) < 16:
         raise ConfigurationError(
             "the clustersearch secret is too short: use at least 16 characters, "
