@@ -93,7 +93,7 @@ class Policy:
                 raise ConfigurationError(f"Policy: {f.name} must be {kind}, got {value!r}")
             low = 1 if f.name == "missed_heartbeats" else 0
             positive = f.name in ("heartbeat_interval", "straggler_factor")
-            if value < low or (positive and value <= 0):
+            if not value >= low or (positive and not value > 0):  # NaN too
                 bound = "> 0" if positive else f">= {low}"
                 raise ConfigurationError(f"Policy: {f.name} must be {bound}, got {value!r}")
 

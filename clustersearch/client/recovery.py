@@ -162,7 +162,7 @@ def backups(
             continue
         target = next((n for n, free in idle.items() if free > 0 and n != node), None)
         if target is None:
-            break
+            continue
         idle[target] -= 1
         chosen.append((work, node, target, now - sent_at))
     return chosen
