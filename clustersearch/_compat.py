@@ -74,12 +74,12 @@ PRIVATE_APIS = {
 try:
     from sklearn.utils.parallel import _FuncWrapper as FuncWrapper
 except ImportError:  # pragma: no cover - another scikit-learn
-    FuncWrapper = None  # type: ignore[assignment,misc]
+    FuncWrapper = None
 
 try:  # scikit-learn >= 1.9: every _fit_and_score call gets a callback context
     from sklearn.callback import CallbackContext
 except ImportError:  # pragma: no cover - scikit-learn < 1.9
-    CallbackContext = None  # type: ignore[assignment,misc]
+    CallbackContext = None
 
 
 def strip_callback_siblings(context: Any) -> dict[str, Any] | None:

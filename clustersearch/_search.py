@@ -6,8 +6,11 @@ Each class subclasses its scikit-learn original and changes one thing: while
 builds ``cv_results_`` and refits ``best_estimator_`` in the client.
 """
 
+from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 from joblib import parallel_config
@@ -25,6 +28,29 @@ from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
 from .exceptions import CallbackNotSupportedError, NotPicklableError
 from .wire.serialization import dumps
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from sklearn.base import BaseEstimator
+    from sklearn.model_selection import BaseCrossValidator, BaseShuffleSplit
+    from sklearn.model_selection._search import BaseSearchCV as _SearchBase
+    from typing_extensions import Self
+
+    from .client.cluster import NodeInfo
+    from .client.session import Session
+
+    # What the estimators' parameters take, as scikit-learn documents them.
+    _Grid: TypeAlias = Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]]
+    _Distributions: TypeAlias = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    _Scoring: TypeAlias = str | Callable[..., Any] | Sequence[str] | Mapping[str, Callable[..., Any]] | None
+    _Refit: TypeAlias = bool | str | Callable[..., Any]
+    # An int, a splitter, or an iterable of (train, test) index arrays.
+    _CV: TypeAlias = int | BaseCrossValidator | BaseShuffleSplit | Iterable[Any] | None
+    _RandomState: TypeAlias = int | np.random.RandomState | None
+else:
+    # The mixin comes before a scikit-learn search in each estimator's bases;
+    # the type checker sees that search's base as the mixin's own.
+    _SearchBase = object
 
 __all__ = [
     "ClusterGridSearchCV",
@@ -54,10 +80,20 @@ _CLUSTER_DOC = """
 """
 
 
-class _ClusterSearchMixin:
+class _ClusterSearchMixin(_SearchBase):
     """What the four estimators add to their scikit-learn original."""
 
-    def fit(self, X, y=None, **params):
+    if TYPE_CHECKING:
+        # Parameters and fitted attributes the mixin reads or sets (the
+        # scikit-learn search sets verbose and n_splits_).
+        cluster: Cluster | str | None
+        verbose: int
+        n_splits_: int
+        fits_per_node_: dict[str, int]
+        data_bytes_per_node_: dict[str, int]
+        message_bytes_per_node_: dict[str, int]
+
+    def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> Self:
         """Run fit with all sets of parameters, every fit on the cluster.
 
         Parameters
@@ -97,10 +133,14 @@ class _ClusterSearchMixin:
             print(_traffic_summary(session))
         return self
 
-    def _run_search(self, evaluate_candidates, *, callback_ctx=None):
+    def _run_search(
+        self, evaluate_candidates: Callable[..., Any], *, callback_ctx: Any = None
+    ) -> Any:
         backend, _ = get_active_backend()
 
-        def counted(candidate_params, *args, **kwargs):
+        def counted(
+            candidate_params: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any
+        ) -> Any:
             candidate_params = list(candidate_params)
             if isinstance(backend, ClusterBackend):
                 backend.session.progress.expect(len(candidate_params) * self.n_splits_)
@@ -109,11 +149,11 @@ class _ClusterSearchMixin:
         return super()._run_search(counted, callback_ctx=callback_ctx)
 
 
-def _megabytes(n):
+def _megabytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _traffic_summary(session):
+def _traffic_summary(session: Session) -> str:
     """One line on what a search sent, for verbose output."""
     data = session.data_bytes_per_node
     tasks = sum(session.tasks_per_node.values())
@@ -126,7 +166,7 @@ def _traffic_summary(session):
     )
 
 
-def _callbacks(search):
+def _callbacks(search: BaseEstimator) -> list[tuple[str, str]]:
     """``(where, callback class name)`` of every scikit-learn callback set on
     the search or its parameters."""
     owners = [("the search", search)] + [
@@ -141,11 +181,11 @@ def _callbacks(search):
     ]
 
 
-def _has_callbacks(search):
+def _has_callbacks(search: BaseEstimator) -> bool:
     return bool(_callbacks(search))
 
 
-def _check_callbacks(search, nodes):
+def _check_callbacks(search: BaseEstimator, nodes: Iterable[NodeInfo]) -> None:
     """Refuse scikit-learn callbacks that the nodes could not report back.
 
     A callback's copy in a worker reports to the client over a local socket
@@ -174,7 +214,7 @@ def _check_callbacks(search, nodes):
 _STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose"}
 
 
-def _check_picklable(search, fit_params):
+def _check_picklable(search: BaseEstimator, fit_params: Mapping[str, Any]) -> None:
     """Name what cannot travel to the nodes, before anything is sent.
 
     A task carries a clone of the estimator with a candidate's parameters,
@@ -191,7 +231,7 @@ def _check_picklable(search, fit_params):
             _raise_if_unpicklable(f"fit parameter {name}", value)
 
 
-def _raise_if_unpicklable(path, value):
+def _raise_if_unpicklable(path: str, value: object) -> None:
     try:
         dumps(value)
         return
@@ -208,7 +248,7 @@ def _raise_if_unpicklable(path, value):
     ) from error
 
 
-def _children(value):
+def _children(value: object) -> list[tuple[str, Any]]:
     if hasattr(value, "get_params") and not isinstance(value, type):
         try:
             return [(f".{k}", v) for k, v in value.get_params(deep=False).items()]
@@ -266,19 +306,19 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
 
     def __init__(
         self,
-        estimator,
-        param_grid,
+        estimator: BaseEstimator,
+        param_grid: _Grid,
         *,
-        scoring=None,
-        n_jobs=None,
-        refit=True,
-        cv=None,
-        verbose=0,
-        pre_dispatch="2*n_jobs",
-        error_score=np.nan,
-        return_train_score=False,
-        cluster=None,
-    ):
+        scoring: _Scoring = None,
+        n_jobs: int | None = None,
+        refit: _Refit = True,
+        cv: _CV = None,
+        verbose: int = 0,
+        pre_dispatch: int | str = "2*n_jobs",
+        error_score: float | str = np.nan,
+        return_train_score: bool = False,
+        cluster: Cluster | str | None = None,
+    ) -> None:
         super().__init__(
             estimator,
             param_grid,
@@ -325,21 +365,21 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
 
     def __init__(
         self,
-        estimator,
-        param_distributions,
+        estimator: BaseEstimator,
+        param_distributions: _Distributions,
         *,
-        n_iter=10,
-        scoring=None,
-        n_jobs=None,
-        refit=True,
-        cv=None,
-        verbose=0,
-        pre_dispatch="2*n_jobs",
-        random_state=None,
-        error_score=np.nan,
-        return_train_score=False,
-        cluster=None,
-    ):
+        n_iter: int = 10,
+        scoring: _Scoring = None,
+        n_jobs: int | None = None,
+        refit: _Refit = True,
+        cv: _CV = None,
+        verbose: int = 0,
+        pre_dispatch: int | str = "2*n_jobs",
+        random_state: _RandomState = None,
+        error_score: float | str = np.nan,
+        return_train_score: bool = False,
+        cluster: Cluster | str | None = None,
+    ) -> None:
         super().__init__(
             estimator,
             param_distributions,
@@ -387,24 +427,24 @@ random_state, n_jobs, verbose
 
     def __init__(
         self,
-        estimator,
-        param_grid,
+        estimator: BaseEstimator,
+        param_grid: _Grid,
         *,
-        factor=3,
-        resource="n_samples",
-        max_resources="auto",
-        min_resources="exhaust",
-        aggressive_elimination=False,
-        cv=5,
-        scoring=None,
-        refit=True,
-        error_score=np.nan,
-        return_train_score=True,
-        random_state=None,
-        n_jobs=None,
-        verbose=0,
-        cluster=None,
-    ):
+        factor: float = 3,
+        resource: str = "n_samples",
+        max_resources: int | str = "auto",
+        min_resources: int | str = "exhaust",
+        aggressive_elimination: bool = False,
+        cv: _CV = 5,
+        scoring: _Scoring = None,
+        refit: _Refit = True,
+        error_score: float | str = np.nan,
+        return_train_score: bool = True,
+        random_state: _RandomState = None,
+        n_jobs: int | None = None,
+        verbose: int = 0,
+        cluster: Cluster | str | None = None,
+    ) -> None:
         super().__init__(
             estimator,
             param_grid,
@@ -455,25 +495,25 @@ error_score, return_train_score, random_state, n_jobs, verbose
 
     def __init__(
         self,
-        estimator,
-        param_distributions,
+        estimator: BaseEstimator,
+        param_distributions: _Distributions,
         *,
-        n_candidates="exhaust",
-        factor=3,
-        resource="n_samples",
-        max_resources="auto",
-        min_resources="smallest",
-        aggressive_elimination=False,
-        cv=5,
-        scoring=None,
-        refit=True,
-        error_score=np.nan,
-        return_train_score=True,
-        random_state=None,
-        n_jobs=None,
-        verbose=0,
-        cluster=None,
-    ):
+        n_candidates: int | str = "exhaust",
+        factor: float = 3,
+        resource: str = "n_samples",
+        max_resources: int | str = "auto",
+        min_resources: int | str = "smallest",
+        aggressive_elimination: bool = False,
+        cv: _CV = 5,
+        scoring: _Scoring = None,
+        refit: _Refit = True,
+        error_score: float | str = np.nan,
+        return_train_score: bool = True,
+        random_state: _RandomState = None,
+        n_jobs: int | None = None,
+        verbose: int = 0,
+        cluster: Cluster | str | None = None,
+    ) -> None:
         super().__init__(
             estimator,
             param_distributions,

@@ -1,9 +1,12 @@
 """The ``clustersearch`` command: start a node, list the nodes."""
 
+from __future__ import annotations
+
 import argparse
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["main"]
@@ -11,7 +14,7 @@ __all__ = ["main"]
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clustersearch",
         description="Run scikit-learn searches on a Celery cluster.",
@@ -60,7 +63,7 @@ def _parser():
 _LOOPBACK = ("localhost", "::1")
 
 
-def _is_loopback(url):
+def _is_loopback(url: str) -> bool:
     from urllib.parse import urlparse
 
     parsed = urlparse(url)
@@ -70,7 +73,7 @@ def _is_loopback(url):
     return host in _LOOPBACK or host.startswith("127.")
 
 
-def _check_security(args):
+def _check_security(args: argparse.Namespace) -> bytes | None:
     """Load the secret; refuse or warn where the broker is open to others."""
     from urllib.parse import urlparse
 
@@ -111,7 +114,7 @@ def _check_security(args):
     return secret
 
 
-def _run_worker(args):
+def _run_worker(args: argparse.Namespace) -> None:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         if not (args.allow_root or os.environ.get("C_FORCE_ROOT")):
             sys.exit(
@@ -171,7 +174,7 @@ def _run_worker(args):
     ])  # fmt: skip
 
 
-def _run_nodes(args):
+def _run_nodes(args: argparse.Namespace) -> int:
     from .client.cluster import Cluster
 
     with Cluster(args.broker, args.backend, discovery_timeout=args.timeout) as cluster:
@@ -191,10 +194,11 @@ def _run_nodes(args):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int | None:
     args = _parser().parse_args(argv)
     if args.command == "worker":
-        return _run_worker(args)
+        _run_worker(args)
+        return None
     return _run_nodes(args)
 
 

@@ -9,11 +9,15 @@ NumPy; pandas is optional and only required for ``as_frame=True`` (and for
 the OpenML download path, because ``fetch_openml(as_frame=True)`` needs it).
 """
 
+from __future__ import annotations
+
 import csv
 import itertools
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.utils import Bunch
@@ -217,7 +221,7 @@ License: Creative Commons Attribution 4.0 International (CC BY 4.0).
 # --------------------------------------------------------------------------
 
 
-def _default_cache_dir():
+def _default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/clustersearch/adult`` or ``~/.cache/clustersearch/adult``."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     # The XDG spec says relative paths must be ignored.
@@ -225,7 +229,7 @@ def _default_cache_dir():
     return base / "clustersearch" / "adult"
 
 
-def _resolve_data_home(data_home):
+def _resolve_data_home(data_home: str | os.PathLike[str] | None) -> tuple[Path, str]:
     """Return ``(folder, how)`` where *how* says where the folder came from."""
     if data_home is not None:
         return Path(os.fspath(data_home)).expanduser(), "the data_home argument"
@@ -235,7 +239,7 @@ def _resolve_data_home(data_home):
     return _default_cache_dir(), "the default cache folder"
 
 
-def _guidance(folder, how, files):
+def _guidance(folder: Path, how: str, files: Iterable[str]) -> str:
     return (
         f"looked for {', '.join(files)} in '{folder}' (from {how}). "
         f"Put the UCI files adult.data and adult.test in a folder and either "
@@ -249,7 +253,7 @@ def _guidance(folder, how, files):
 # --------------------------------------------------------------------------
 
 
-def _read_uci_file(path):
+def _read_uci_file(path: Path) -> list[list[str]]:
     """Parse one UCI Adult file into 15 lists of stripped strings.
 
     Blank lines and ``|`` comment lines (``adult.test`` starts with
@@ -275,14 +279,14 @@ def _read_uci_file(path):
     return [list(map(str.strip, col)) for col in zip(*rows, strict=True)]
 
 
-def _concat(parts):
+def _concat(parts: Sequence[list[list[str]]]) -> list[list[str]]:
     """Concatenate several column-lists produced by :func:`_read_uci_file`."""
     if len(parts) == 1:
         return parts[0]
     return [sum((p[j] for p in parts), []) for j in range(len(ADULT_COLUMNS))]
 
 
-def _labels_to_y(labels):
+def _labels_to_y(labels: Sequence[str]) -> np.ndarray:
     """1 for '>50K' (with or without the trailing '.' of adult.test), else 0."""
     return np.fromiter(
         (label.rstrip(".").strip() == _POSITIVE_LABEL for label in labels),
@@ -291,14 +295,14 @@ def _labels_to_y(labels):
     )
 
 
-def _numeric(values):
+def _numeric(values: Sequence[str]) -> np.ndarray:
     """Strings to float64; '?' or empty becomes NaN."""
     return np.array(
         ["nan" if v in (_MISSING, "") else v for v in values], dtype=np.float64
     )
 
 
-def _category_codes(name, values):
+def _category_codes(name: str, values: list[str]) -> np.ndarray:
     """Index into ADULT_CATEGORIES[name]; -1 for missing / unknown values."""
     lookup = {cat: i for i, cat in enumerate(ADULT_CATEGORIES[name])}
     codes = np.fromiter(
@@ -319,14 +323,14 @@ def _category_codes(name, values):
     return codes
 
 
-def _one_hot_feature_names():
+def _one_hot_feature_names() -> list[str]:
     names = list(ADULT_NUMERIC_COLUMNS)
     for col in ADULT_CATEGORICAL_COLUMNS:
         names.extend(f"{col}={cat}" for cat in ADULT_CATEGORIES[col])
     return names
 
 
-def _encode(columns):
+def _encode(columns: Sequence[list[str]]) -> np.ndarray:
     """One-hot encode parsed columns into a float64 array.
 
     Layout, like ``pd.get_dummies`` on the raw frame: the 6 numeric columns
@@ -351,7 +355,7 @@ def _encode(columns):
     return X
 
 
-def _to_frame(columns, pd):
+def _to_frame(columns: Sequence[list[str]], pd: Any) -> Any:
     """Raw feature DataFrame (14 columns) from parsed columns."""
     by_name = dict(zip(ADULT_COLUMNS, columns, strict=True))
     data = {}
@@ -375,7 +379,7 @@ def _to_frame(columns, pd):
 # --------------------------------------------------------------------------
 
 
-def _openml_columns():
+def _openml_columns() -> tuple[list[list[str]], list[list[str]]]:
     """Download adult v2 from OpenML and return (train, test) column-lists."""
     from sklearn.datasets import fetch_openml
 
@@ -420,8 +424,13 @@ def _openml_columns():
 
 
 def load_adult(
-    data_home=None, *, subset="train", return_X_y=True, as_frame=False, download=True
-):
+    data_home: str | os.PathLike[str] | None = None,
+    *,
+    subset: Literal["train", "test", "all"] = "train",
+    return_X_y: bool = True,
+    as_frame: bool = False,
+    download: bool = True,
+) -> tuple[Any, Any] | Bunch:
     """Load the UCI Adult ("Census Income") binary classification dataset.
 
     The original UCI files are read from a local folder: ``adult.data``
@@ -527,10 +536,11 @@ def load_adult(
     if subset not in _SUBSETS:
         raise ValueError(f"subset must be one of {_SUBSETS}, got {subset!r}")
 
-    pd = None
+    pd: Any = None
     if as_frame:
         try:
-            import pandas as pd
+            # pandas is optional: pd stays None unless as_frame.
+            import pandas as pd  # type: ignore[no-redef]
         except ImportError as exc:
             raise ImportError(
                 "load_adult(as_frame=True) requires pandas; install it with "

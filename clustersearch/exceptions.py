@@ -5,6 +5,10 @@ derive from the builtin that fits, so ``except ConnectionError`` still works.
 Errors cross the broker, so each one pickles with its message intact.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __all__ = [
     "BlobError",
     "BrokerUnreachableError",
@@ -25,7 +29,7 @@ __all__ = [
 class ClusterSearchError(Exception):
     """Root of every error raised by clustersearch."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
         # Subclasses with several builtin bases (ConnectionError, OSError)
         # would otherwise be rebuilt from ``args`` with OSError's signature.
         return (type(self), (str(self),))
@@ -70,7 +74,7 @@ class RemoteTraceback(ClusterSearchError):
     so the node's traceback prints under the client's.
     """
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "\n" + super().__str__()
 
 

@@ -6,7 +6,15 @@ where a batch runs (a :class:`~clustersearch.client.session.Session`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from .._compat import joblib_backends
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from .session import Session
 
 _jb = joblib_backends()
 AutoBatchingMixin = _jb.AutoBatchingMixin
@@ -45,13 +53,27 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     supports_sharedmem = True
     default_n_jobs = -1
 
-    def __init__(self, session, *, first_only=False, nesting_level=None, **kwargs):
+    def __init__(
+        self,
+        session: Session,
+        *,
+        first_only: bool = False,
+        nesting_level: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(nesting_level=nesting_level, **kwargs)
         self.session = session
         self.first_only = first_only
-        self._claimed = None
+        self._claimed: Any = None  # the Parallel this backend accepted
 
-    def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **kwargs):
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        **kwargs: Any,
+    ) -> int:
         threads = prefer == "threads" or require == "sharedmem"
         foreign = self.first_only and self._claimed is not None and parallel is not self._claimed
         if threads or foreign:
@@ -61,19 +83,19 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self.parallel = parallel
         return self.effective_n_jobs(n_jobs)
 
-    def effective_n_jobs(self, n_jobs):
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
         # At least 2: joblib runs n_jobs == 1 in the client without asking us.
         return max(2, self.session.capacity)
 
-    def submit(self, func, callback=None):
+    def submit(self, func: Any, callback: Callable[[Future], Any] | None = None) -> Future:
         return self.session.submit(func, callback)
 
-    def retrieve_result_callback(self, future):
+    def retrieve_result_callback(self, future: Future) -> Any:
         return future.result()
 
-    def abort_everything(self, ensure_ready=True):
+    def abort_everything(self, ensure_ready: bool = True) -> None:
         self.session.cancel_pending()
 
-    def get_nested_backend(self):
+    def get_nested_backend(self) -> tuple[Any, None]:
         # Inside a fit on a node: the node's processes already fill its cores.
         return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None

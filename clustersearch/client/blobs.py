@@ -19,11 +19,16 @@ import time
 import uuid
 import weakref
 from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kombu import Queue
 
 from ..wire.blobs import CHUNK_BYTES, MIN_BLOB_BYTES, RAW, TAG, new_digest
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["BlobServer", "BlobTable"]
 
@@ -33,13 +38,13 @@ logger = logging.getLogger(__name__)
 class _Blob:
     __slots__ = ("digest", "kind", "parts", "nbytes")
 
-    def __init__(self, digest, kind, parts):
+    def __init__(self, digest: str, kind: str, parts: list[bytes | memoryview]) -> None:
         self.digest = digest
         self.kind = kind
         self.parts = parts  # bytes-like objects, concatenated in order
         self.nbytes = sum(len(p) for p in parts)
 
-    def chunks(self, size=CHUNK_BYTES):
+    def chunks(self, size: int = CHUNK_BYTES) -> Iterator[bytes]:
         """Yield the blob's bytes in pieces of at most ``size``."""
         buffer = bytearray()
         for part in self.parts:
@@ -55,7 +60,7 @@ class _Blob:
             yield bytes(buffer)
 
 
-def _npy_parts(array):
+def _npy_parts(array: np.ndarray) -> list[bytes | memoryview]:
     """An array as ``.npy`` bytes: its header, then its data, not copied."""
     if array.flags.c_contiguous:
         fortran, data = False, array
@@ -69,7 +74,8 @@ def _npy_parts(array):
         {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": fortran,
          "shape": array.shape},
     )  # fmt: skip
-    return [header.getvalue(), memoryview(data).cast("B")]
+    # numpy declares ndarray's buffer protocol for Python >= 3.12 only.
+    return [header.getvalue(), memoryview(data).cast("B")]  # type: ignore[arg-type]
 
 
 class BlobTable:
@@ -81,13 +87,13 @@ class BlobTable:
     it is alive, checked with a weak reference).
     """
 
-    def __init__(self, min_bytes=MIN_BLOB_BYTES):
+    def __init__(self, min_bytes: int = MIN_BLOB_BYTES) -> None:
         self.min_bytes = min_bytes
-        self.blobs = {}
-        self._by_id = {}
+        self.blobs: dict[str, _Blob] = {}
+        self._by_id: dict[int, tuple[weakref.ref[np.ndarray], _Blob]] = {}
         self._lock = threading.Lock()
 
-    def persistent_id(self, obj):
+    def persistent_id(self, obj: Any) -> tuple[str, str, str] | None:
         if type(obj) is not np.ndarray and type(obj) is not np.memmap:
             return None
         if obj.nbytes < self.min_bytes:
@@ -101,7 +107,8 @@ class BlobTable:
                 self._by_id[id(obj)] = (weakref.ref(obj), blob)
         return (TAG, blob.digest, blob.kind)
 
-    def _add(self, array):
+    def _add(self, array: np.ndarray) -> _Blob:
+        parts: list[bytes | memoryview]
         if array.dtype.hasobject or array.dtype.fields is not None and any(
             field[0].hasobject for field in array.dtype.fields.values()
         ):
@@ -117,7 +124,7 @@ class BlobTable:
             blob = self.blobs[digest] = _Blob(digest, kind, parts)
         return blob
 
-    def get(self, digest):
+    def get(self, digest: str) -> _Blob | None:
         with self._lock:
             return self.blobs.get(digest)
 
@@ -132,15 +139,15 @@ class BlobServer:
     table : BlobTable
     """
 
-    def __init__(self, app, table):
+    def __init__(self, app: Celery, table: BlobTable) -> None:
         self.app = app
         self.table = table
         self.queue_name = f"clustersearch.blobs.{uuid.uuid4().hex}"
-        self.bytes_per_node = Counter()
-        self.blobs_per_node = Counter()
+        self.bytes_per_node: Counter[str] = Counter()
+        self.blobs_per_node: Counter[str] = Counter()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._error = None
+        self._error: Exception | None = None
         self._thread = threading.Thread(
             target=self._run, name="clustersearch-blobs", daemon=True
         )
@@ -149,11 +156,11 @@ class BlobServer:
         if self._error is not None:
             raise self._error
 
-    def close(self):
+    def close(self) -> None:
         self._stop.set()
         self._thread.join()
 
-    def _queue(self):
+    def _queue(self) -> Queue:
         return Queue(
             self.queue_name,
             routing_key=self.queue_name,
@@ -163,7 +170,7 @@ class BlobServer:
             expires=3600,
         )
 
-    def _run(self):
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 # Requests are rare (a node's first task on new data): on
@@ -195,7 +202,7 @@ class BlobServer:
                 logger.warning("blob server lost the broker; reconnecting", exc_info=True)
                 time.sleep(0.5)
 
-    def _on_request(self, message, *, producer):
+    def _on_request(self, message: Any, *, producer: Any) -> None:
         try:
             request = message.decode()
             reply_to, node = request["reply_to"], request.get("node", "?")

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -37,6 +37,7 @@ from .session import Session
 
 if TYPE_CHECKING:
     from celery import Celery
+    from typing_extensions import Self
 
     from .local import LocalCluster
 
@@ -78,12 +79,12 @@ class NodeInfo:
     host: str
     cpu_count: int
     pid: int
-    versions: dict = field(default_factory=dict, compare=False)
+    versions: dict[str, str] = field(default_factory=dict, compare=False)
     secret: str | None = field(default=None, compare=False)
     stalled_s: float = field(default=0.0, compare=False)
 
     @classmethod
-    def from_reply(cls, info: dict) -> NodeInfo:
+    def from_reply(cls, info: dict[str, Any]) -> NodeInfo:
         queues = [q for q in info.get("queues", []) if q.startswith("clustersearch.")]
         return cls(
             name=info["node"],
@@ -194,13 +195,13 @@ class Cluster:
 
     # clone() deep-copies a search's parameters: it must share this handle,
     # not copy its connections.
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, Any]) -> Cluster:
         return self
 
-    def __copy__(self):
+    def __copy__(self) -> Cluster:
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (Cluster, (self.broker_url, self.backend), self._public_state())
 
     def _public_state(self) -> dict[str, Any]:
@@ -218,17 +219,17 @@ class Cluster:
         self.__dict__.setdefault("_app_lock", threading.Lock())
         self.__dict__.setdefault("_checked", False)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self.broker_url)!r})"
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @property
-    def app(self):
+    def app(self) -> Celery:
         """The client's Celery app (created on first use, never the default app)."""
         with self._app_lock:
             if self._app is None:
@@ -267,7 +268,7 @@ class Cluster:
                     f"{exc}. Check that Redis runs and that this machine can reach it"
                 ) from exc
 
-    def nodes(self, timeout=None):
+    def nodes(self, timeout: float | None = None) -> list[NodeInfo]:
         """The live nodes, sorted by name.
 
         Parameters
@@ -297,7 +298,7 @@ class Cluster:
             # A pooled connection that died with the broker (a restart since
             # the last search) fails once; the pool reconnects on next use.
             replies = ask()
-        found = {}
+        found: dict[str, NodeInfo] = {}
         for reply in replies or ():
             for info in reply.values():
                 if isinstance(info, dict) and "node" in info:
@@ -305,10 +306,10 @@ class Cluster:
                     found[node.name] = node
         return [found[name] for name in sorted(found)]
 
-    def _broadcast_scope(self) -> dict:
+    def _broadcast_scope(self) -> dict[str, Any]:
         return {}
 
-    def require_nodes(self):
+    def require_nodes(self) -> list[NodeInfo]:
         """The live nodes; NoWorkersError naming the broker when there is none."""
         nodes = self.nodes()
         if not nodes:
@@ -347,7 +348,7 @@ class Cluster:
             yield session
 
     @contextlib.contextmanager
-    def joblib(self):
+    def joblib(self) -> Iterator[Session]:
         """Run joblib-parallel code on the cluster inside this block.
 
         Every ``joblib.Parallel`` call in the block (scikit-learn's
@@ -372,7 +373,7 @@ class Cluster:
             with parallel_config(backend=ClusterBackend(session)):
                 yield session
 
-    def close(self):
+    def close(self) -> None:
         """Release the client's connections."""
         with self._app_lock:
             app, self._app = self._app, None
@@ -392,11 +393,13 @@ _MUST_MATCH = {
 }
 
 
-def _prefix(version, parts):
+def _prefix(version: object, parts: int | None) -> tuple[str, ...]:
     return tuple(str(version).split(".")[:parts] if parts else str(version).split("."))
 
 
-def check_nodes(nodes, signer, *, check_versions=True):
+def check_nodes(
+    nodes: Sequence[NodeInfo], signer: Signer, *, check_versions: bool = True
+) -> None:
     """Refuse, before any work is sent, nodes this client cannot work with:
     another secret, or versions that could change results or break
     unpickling."""

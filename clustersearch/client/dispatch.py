@@ -129,6 +129,8 @@ class Dispatcher:
                 if node is None:
                     return
                 work = session.pending.popleft()
+            # Only work with a payload waits to be sent (see Session.submit).
+            assert work.payload is not None
             work.node = node
             # A new id per sending: a result for an earlier sending of the
             # same work (rerouted from a lost node) matches nothing.
@@ -267,6 +269,8 @@ class Dispatcher:
     def open_result(self, work: Work) -> dict[str, Any]:
         """Verify (with a secret) and unpickle what a node sent back."""
         envelope = work.result
+        # Set with the result, by _on_ready.
+        assert work.task_id is not None
         if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
             raise MessageRejected(
                 f"node {work.node!r} sent back something that is not a clustersearch "

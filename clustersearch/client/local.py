@@ -18,6 +18,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 from ..exceptions import NodeStartupError
 from ..wire.signing import load_secret
@@ -74,17 +75,17 @@ class LocalCluster(Cluster):
 
     def __init__(
         self,
-        n_workers=None,
+        n_workers: int | None = None,
         *,
-        concurrency=1,
-        broker_url=None,
-        backend=None,
-        startup_timeout=60.0,
-        allow_root=None,
-        loglevel="WARNING",
-        cache_size=None,
-        **kwargs,
-    ):
+        concurrency: int = 1,
+        broker_url: str | None = None,
+        backend: str | None = None,
+        startup_timeout: float = 60.0,
+        allow_root: bool | None = None,
+        loglevel: str = "WARNING",
+        cache_size: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.cache_size = cache_size
         if kwargs.get("secret") is None and load_secret() is None:
@@ -98,11 +99,12 @@ class LocalCluster(Cluster):
         embedded = broker_url is None
         if embedded:
             broker_url = "filesystem://" + str(Path(self.directory, "transport"))
+        assert broker_url is not None
         self.allow_root = embedded if allow_root is None else allow_root
         super().__init__(broker_url, backend, **kwargs)
         token = os.path.basename(self.directory).rsplit("-", 1)[-1][:6].lower()
         self.node_names = [f"local{i}-{token}" for i in range(self.n_workers)]
-        self._procs = []
+        self._procs: list[subprocess.Popen[bytes]] = []
         self._finalizer = weakref.finalize(self, _stop, self._procs, self.directory)
         try:
             self._start()
@@ -115,23 +117,25 @@ class LocalCluster(Cluster):
     def secret(self) -> str:
         """The secret these nodes hold: give it to other clients of theirs
         (``Cluster(broker_url, secret=...)``)."""
+        # A LocalCluster always has one (see __init__).
+        assert self._signer.secret is not None
         return os.fsdecode(self._signer.secret)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         # On a node (a search pickles itself) this is only a reference.
         return (Cluster, (self.broker_url, self.backend), self._public_state())
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"LocalCluster(n_workers={self.n_workers}, broker={redact(self.broker_url)!r})"
 
-    def _broadcast_scope(self):
+    def _broadcast_scope(self) -> dict[str, Any]:
         host = socket.gethostname()
         return {
             "destination": [f"{name}@{host}" for name in self.node_names],
             "limit": len(self.node_names),
         }
 
-    def _start(self):
+    def _start(self) -> None:
         logs = Path(self.directory, "logs")
         logs.mkdir(exist_ok=True)
         # The nodes share this machine's cores: cap each fit's BLAS/OpenMP
@@ -141,6 +145,7 @@ class LocalCluster(Cluster):
         threads = max(1, (os.cpu_count() or 1) // processes)
         # The secret travels in the environment, never on a command line.
         env.pop("CLUSTERSEARCH_SECRET_FILE", None)
+        assert self._signer.secret is not None  # a LocalCluster always has one
         env["CLUSTERSEARCH_SECRET"] = os.fsdecode(self._signer.secret)
         for name in self.node_names:
             cmd = [
@@ -168,7 +173,7 @@ class LocalCluster(Cluster):
                 log.close()
             self._procs.append(proc)
 
-    def _wait_ready(self):
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             for name, proc in zip(self.node_names, self._procs):
@@ -187,23 +192,23 @@ class LocalCluster(Cluster):
                     f"the first one's log says:\n{self.log(missing[0])[-3000:]}"
                 )
 
-    def log(self, name) -> str:
+    def log(self, name: str) -> str:
         """The log of node ``name`` so far."""
         path = Path(self.directory, "logs", f"{name}.log")
         return path.read_text(errors="replace") if path.exists() else ""
 
     @property
-    def processes(self):
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
         """The nodes' main processes (``subprocess.Popen``), by node name."""
         return dict(zip(self.node_names, self._procs))
 
-    def close(self):
+    def close(self) -> None:
         """Stop the nodes and remove the private folder."""
         super().close()
         self._finalizer()
 
 
-def _stop(procs, directory):
+def _stop(procs: list[subprocess.Popen[bytes]], directory: str) -> None:
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

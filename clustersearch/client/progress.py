@@ -1,12 +1,15 @@
 """A one-line progress bar for fits: done / total, rate and ETA."""
 
+from __future__ import annotations
+
 import sys
 import time
+from typing import TextIO
 
 __all__ = ["Progress", "progress_enabled"]
 
 
-def progress_enabled(setting) -> bool:
+def progress_enabled(setting: bool | None) -> bool:
     """Resolve ``Cluster(progress=None)``: on for a terminal or a notebook."""
     if setting is not None:
         return bool(setting)
@@ -23,7 +26,7 @@ class Progress:
 
     _MIN_REDRAW_S = 0.2
 
-    def __init__(self, enabled: bool, stream=None):
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
         self.enabled = enabled
         self.stream = stream
         self.total = 0

@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kombu import Queue
 from kombu.exceptions import OperationalError
@@ -33,6 +33,11 @@ from sklearn.base import BaseEstimator
 from .._compat import WorkerLostError, batch_calls, batch_with_calls, fit_and_score
 from ..exceptions import BrokerUnreachableError, ClusterSearchError, NoWorkersError
 from .policy import Policy
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .cluster import NodeInfo
 
 __all__ = [
     "Watcher",
@@ -57,7 +62,12 @@ class Watcher(threading.Thread):
     unreachable) is posted as ``error``.
     """
 
-    def __init__(self, discover: Callable, policy: Policy, post: Callable) -> None:
+    def __init__(
+        self,
+        discover: Callable[[float], list[NodeInfo]],
+        policy: Policy,
+        post: Callable[[float, list[NodeInfo] | None, BaseException | None], None],
+    ) -> None:
         super().__init__(name="clustersearch-heartbeat", daemon=True)
         self.discover = discover
         self.interval = policy.heartbeat_interval
@@ -65,7 +75,7 @@ class Watcher(threading.Thread):
         self.post = post
         self.stopped = threading.Event()
 
-    def run(self):
+    def run(self) -> None:
         delay = self.interval
         while not self.stopped.wait(delay):
             start = time.monotonic()
@@ -77,7 +87,7 @@ class Watcher(threading.Thread):
                 self.post(start, nodes, None)
             delay = max(0.0, self.interval - (time.monotonic() - start))
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop after the current round (not waited for)."""
         self.stopped.set()
 
@@ -87,7 +97,7 @@ def is_worker_lost(exc: object) -> bool:
     return isinstance(exc, WorkerLostError)
 
 
-def is_connection_error(exc) -> bool:
+def is_connection_error(exc: BaseException) -> bool:
     """Whether ``exc`` says the broker (not the work) is the problem."""
     if isinstance(exc, (OperationalError, ConnectionError, OSError)):
         return True
@@ -100,7 +110,7 @@ def is_connection_error(exc) -> bool:
     return cause is not None and cause is not exc and is_connection_error(cause)
 
 
-def reclaim(app, queue, task_ids) -> int:
+def reclaim(app: Celery, queue: str, task_ids: Iterable[str]) -> int:
     """Delete the messages of ``task_ids`` still waiting in ``queue``.
 
     Only this session's stale messages go: other messages (another client's
@@ -110,7 +120,7 @@ def reclaim(app, queue, task_ids) -> int:
     if not task_ids:
         return 0
     deleted = 0
-    held = []
+    held: list[Any] = []
     with app.connection_for_write() as conn:
         bound = Queue(queue, no_declare=True).bind(conn.default_channel)
         try:
@@ -204,7 +214,7 @@ def split_batch(batch: Any) -> list[Any] | None:
     return [batch_with_calls(batch, [item]) for item in items]
 
 
-def failed_outputs(batch, error):
+def failed_outputs(batch: Any, error: BaseException) -> list[Any]:
     """The results of ``batch``'s calls, had each fit raised ``error``.
 
     Each call must be scikit-learn's ``_fit_and_score``: it then runs here, in
@@ -236,17 +246,21 @@ def failed_outputs(batch, error):
 class _Raises(BaseEstimator):
     """Stands for an estimator whose fit was lost: ``fit`` raises the reason."""
 
-    def __init__(self, error=None, estimator=None):
+    def __init__(
+        self, error: BaseException | None = None, estimator: BaseEstimator | None = None
+    ) -> None:
         self.error = error
         self.estimator = estimator
 
-    def set_params(self, **params):
+    def set_params(self, **params: Any) -> _Raises:
         return self
 
-    def fit(self, *args, **kwargs):
+    def fit(self, *args: Any, **kwargs: Any) -> NoReturn:
+        # Always given (failed_outputs); None only as scikit-learn's default.
+        assert self.error is not None
         raise self.error
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:
         from sklearn.utils import get_tags
 
         # The split (pairwise kernels) follows the real estimator's tags.

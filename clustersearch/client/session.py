@@ -49,11 +49,12 @@ class Stats:
     came after their work was done or sent elsewhere: ignored.
     """
 
-    fits_per_node: Counter = field(default_factory=Counter)
-    tasks_per_node: Counter = field(default_factory=Counter)
-    task_bytes_per_node: Counter = field(default_factory=Counter)
-    pids: set = field(default_factory=set)  # (node, pid) of processes that ran fits
-    events: list = field(default_factory=list)
+    fits_per_node: Counter[str] = field(default_factory=Counter)
+    tasks_per_node: Counter[str] = field(default_factory=Counter)
+    task_bytes_per_node: Counter[str] = field(default_factory=Counter)
+    # (node, pid) of processes that ran fits
+    pids: set[tuple[str, int]] = field(default_factory=set)
+    events: list[dict[str, Any]] = field(default_factory=list)
     late_results: int = 0
 
     def event(self, event: str, node: str | None = None, **info: Any) -> None:
@@ -157,7 +158,7 @@ class Session:
         """The live nodes' total concurrency."""
         return self.members.capacity
 
-    def submit(self, func: Any, callback: Callable | None = None) -> Future:
+    def submit(self, func: Any, callback: Callable[[Future], Any] | None = None) -> Future:
         """Queue ``func`` (a joblib batch) for a node; return its future."""
         n_calls = len(func) if hasattr(func, "__len__") else 1
         try:
@@ -201,23 +202,23 @@ class Session:
         return self.members.nodes
 
     @property
-    def fits_per_node(self) -> Counter:
+    def fits_per_node(self) -> Counter[str]:
         return self.stats.fits_per_node
 
     @property
-    def tasks_per_node(self) -> Counter:
+    def tasks_per_node(self) -> Counter[str]:
         return self.stats.tasks_per_node
 
     @property
-    def task_bytes_per_node(self) -> Counter:
+    def task_bytes_per_node(self) -> Counter[str]:
         return self.stats.task_bytes_per_node
 
     @property
-    def pids(self) -> set:
+    def pids(self) -> set[tuple[str, int]]:
         return self.stats.pids
 
     @property
-    def events(self) -> list:
+    def events(self) -> list[dict[str, Any]]:
         return self.stats.events
 
     @property
@@ -229,6 +230,6 @@ class Session:
         return self.members.lost
 
     @property
-    def data_bytes_per_node(self) -> Counter:
+    def data_bytes_per_node(self) -> Counter[str]:
         """Bytes of data (blobs) sent to each node."""
         return self.blob_server.bytes_per_node if self.blob_server else Counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,15 @@ class Work:
         "task_id", "batch", "tries", "avoid", "backed_up",
     )  # fmt: skip
 
-    def __init__(self, payload, callback, n_calls, error=None, refs=(), batch=None):
+    def __init__(
+        self,
+        payload: bytes | None,
+        callback: Callable[[Future], Any] | None,
+        n_calls: int,
+        error: BaseException | None = None,
+        refs: Sequence[tuple[str, str]] = (),
+        batch: Any = None,
+    ) -> None:
         self.payload = payload
         self.refs = refs
         self.task_id: str | None = None
@@ -52,7 +61,7 @@ class Local:
 
     __slots__ = ("output", "gave_up")
 
-    def __init__(self, output, gave_up=False):
+    def __init__(self, output: Any, gave_up: bool = False) -> None:
         self.output = output
         self.gave_up = gave_up
 

@@ -22,13 +22,18 @@ import os
 import pickle
 import time
 import uuid
+from collections.abc import Callable, Container, Iterator, Sequence
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from kombu import Queue
 
 from ..exceptions import BlobError
 from ..wire.blobs import CHUNK_BYTES, DEFAULT_CACHE_BYTES, TAG, new_digest
+
+if TYPE_CHECKING:
+    import hashlib
 
 __all__ = ["NodeCache"]
 
@@ -38,11 +43,11 @@ logger = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 120.0
 
 
-def _identity(st):
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _map_npy(f):
+def _map_npy(f: IO[bytes]) -> np.ndarray:
     """Map the ``.npy`` file open as ``f``, read-only: pages shared by all
     processes of the node."""
     f.seek(0)
@@ -71,18 +76,21 @@ class NodeCache:
         The cache's bound; the blobs a task needs stay even above it.
     """
 
-    def __init__(self, directory, max_bytes=DEFAULT_CACHE_BYTES):
+    def __init__(
+        self, directory: str | os.PathLike[str], max_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
-        self._open = {}  # digest -> (file identity, object), this process
+        # digest -> (file identity, object), this process
+        self._open: dict[str, tuple[tuple[int, int, int, int], Any]] = {}
 
-    def path(self, digest, kind):
+    def path(self, digest: str, kind: str) -> Path:
         return self.directory / f"{digest}.{kind}"
 
     # -- presence and integrity
 
-    def _valid(self, digest, kind):
+    def _valid(self, digest: str, kind: str) -> bool:
         """Whether the file for ``digest`` is there and intact.
 
         A file is hashed once per process, and again whenever it changes
@@ -103,7 +111,7 @@ class NodeCache:
         try:
             with open(path, "rb") as f:
                 hasher = new_digest()
-                data = [] if kind == "pkl" else None
+                data: list[bytes] | None = [] if kind == "pkl" else None
                 while block := f.read(4 * CHUNK_BYTES):
                     hasher.update(block)
                     if data is not None:
@@ -122,13 +130,13 @@ class NodeCache:
         return True
 
     @staticmethod
-    def _touch(path, st):
+    def _touch(path: Path, st: os.stat_result) -> None:
         # Least recently used by access time, which we set ourselves.
         with contextlib.suppress(OSError):
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> Iterator[None]:
         with open(self.directory / ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -136,7 +144,13 @@ class NodeCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def ensure(self, refs, source, connect, node="?"):
+    def ensure(
+        self,
+        refs: Sequence[tuple[str, str]],
+        source: str | None,
+        connect: Callable[[], Any],
+        node: str = "?",
+    ) -> int:
         """Make sure every ``(digest, kind)`` in ``refs`` is here; fetch the rest.
 
         ``connect`` returns a new kombu connection to the cluster's broker;
@@ -156,13 +170,18 @@ class NodeCache:
             self._evict(keep={d for d, _ in refs})
         return fetched
 
-    def _fetch(self, wanted, source, connect, node):
+    def _fetch(
+        self, wanted: dict[str, str], source: str, connect: Callable[[], Any], node: str
+    ) -> int:
         reply = f"clustersearch.reply.{uuid.uuid4().hex}"
         queue = Queue(reply, routing_key=reply, durable=False, auto_delete=True, expires=600)
-        files, hashers, done, errors = {}, {}, set(), []
+        files: dict[str, tuple[Path, IO[bytes]]] = {}
+        hashers: dict[str, hashlib.blake2b] = {}
+        done: set[str] = set()
+        errors: list[str] = []
         total = 0
 
-        def on_chunk(message):
+        def on_chunk(message: Any) -> None:
             nonlocal total
             headers = message.headers or {}
             digest = headers.get("digest")
@@ -237,7 +256,7 @@ class NodeCache:
             raise BlobError("could not fetch data from the client: " + "; ".join(errors))
         return total
 
-    def _evict(self, keep):
+    def _evict(self, keep: Container[str]) -> None:
         entries = []
         size = 0
         for entry in os.scandir(self.directory):
@@ -264,7 +283,7 @@ class NodeCache:
 
     # -- loading
 
-    def load(self, digest, kind):
+    def load(self, digest: str, kind: str) -> Any:
         known = self._open.get(digest)
         if known is None:
             if not self._valid(digest, kind):
@@ -272,12 +291,12 @@ class NodeCache:
             known = self._open[digest]
         return known[1]
 
-    def loads(self, payload):
+    def loads(self, payload: bytes) -> Any:
         """Unpickle a task payload, resolving its references from the cache."""
         cache = self
 
         class _Unpickler(pickle.Unpickler):
-            def persistent_load(self, pid):
+            def persistent_load(self, pid: Any) -> Any:
                 if isinstance(pid, tuple) and len(pid) == 3 and pid[0] == TAG:
                     return cache.load(pid[1], pid[2])
                 raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")

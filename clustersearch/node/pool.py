@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from .._compat import prefork_pool_classes, worker_pool_state
 
@@ -27,7 +28,7 @@ class _AsynPool(_AsynPoolBase):  # type: ignore[misc,valid-type]
     """
 
     @property
-    def timers(self):  # type: ignore[override]
+    def timers(self) -> dict[Any, float]:
         return {self.maintain_pool: POOL_CHECK_S}
 
 

@@ -71,7 +71,9 @@ def _seen_marker(cache: NodeCache, task_id: str) -> Path | None:
     return folder / task_id
 
 
-def run_batch(task: Any, payload: Any, source: Any = None, blobs: Any = (), auth: Any = None):
+def run_batch(
+    task: Any, payload: Any, source: Any = None, blobs: Any = (), auth: Any = None
+) -> dict[str, Any]:
     """Run one joblib batch of calls; return its results and where it ran.
 
     ``payload`` is the pickled batch. It is verified (with a secret) and

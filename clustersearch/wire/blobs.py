@@ -42,12 +42,12 @@ DEFAULT_CACHE_BYTES = 2 * 1024**3
 _HASH_BYTES = 16
 
 
-def new_digest():
+def new_digest() -> hashlib.blake2b:
     """A fresh hasher for blob digests (BLAKE2b, 128 bits)."""
     return hashlib.blake2b(digest_size=_HASH_BYTES)
 
 
-def parse_size(text) -> int:
+def parse_size(text: int | str) -> int:
     """``'2GB'``, ``'512MiB'``, ``'1e9'`` or an int, in bytes."""
     if isinstance(text, int):
         return text

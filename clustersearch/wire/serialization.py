@@ -7,6 +7,8 @@ inside JSON messages: Celery never unpickles anything; clustersearch does,
 after verifying the signature when a secret is set (``_signing``).
 """
 
+from __future__ import annotations
+
 import copyreg
 import io
 import os
@@ -14,6 +16,7 @@ import pickle
 import site
 import sys
 import sysconfig
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
@@ -21,8 +24,16 @@ __all__ = ["dumps", "dumps_with_blobs", "loads"]
 
 from .._compat import CallbackContext, FuncWrapper, strip_callback_siblings
 
+if TYPE_CHECKING:
 
-def _installed_roots():
+    class BlobTable(Protocol):
+        """What the pickler needs of the client's blob table
+        (``client.blobs.BlobTable``; the wire does not import the client)."""
+
+        def persistent_id(self, obj: Any) -> tuple[str, str, str] | None: ...
+
+
+def _installed_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
     roots.update(site.getsitepackages())
@@ -32,10 +43,10 @@ def _installed_roots():
 
 _INSTALLED = _installed_roots()
 _modules_seen = 0
-_by_value = set()
+_by_value: set[str] = set()
 
 
-def _send_user_modules_by_value():
+def _send_user_modules_by_value() -> None:
     """Pickle the user's own modules by value, like ``__main__``.
 
     A script's helper module or a test file lives outside the Python
@@ -68,13 +79,13 @@ def _send_user_modules_by_value():
 class _Pickler(cloudpickle.CloudPickler):
     """cloudpickle, with large arrays replaced by references to blobs."""
 
-    def __init__(self, file, table, drop=None):
+    def __init__(self, file: IO[bytes], table: BlobTable, drop: object = None) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.table = table
         self.drop = drop
-        self.refs = {}
+        self.refs: dict[str, str] = {}
 
-    def reducer_override(self, obj):
+    def reducer_override(self, obj: Any) -> Any:
         # What the nodes do not use, sent as None: scikit-learn passes the
         # search itself (``caller=self``) to every fit, for callbacks only.
         if self.drop is not None and obj is self.drop:
@@ -84,8 +95,9 @@ class _Pickler(cloudpickle.CloudPickler):
         # _fit_and_score's documentation in every task, 40% of a typical
         # message. The nodes do not need it.
         if FuncWrapper is not None and type(obj) is FuncWrapper:
-            state = {k: v for k, v in vars(obj).items() if k != "__doc__"}
-            return copyreg.__newobj__, (FuncWrapper,), state
+            state: dict[str, Any] | None = {k: v for k, v in vars(obj).items() if k != "__doc__"}
+            # typeshed does not declare copyreg.__newobj__ (pickle's own reducer).
+            return copyreg.__newobj__, (FuncWrapper,), state  # type: ignore[attr-defined]
         # Each call's callback context links to its parent, the search's
         # context, which maps every (candidate, split) context of the search:
         # pickled whole, every task carried all of them (85 bytes per fit of
@@ -95,17 +107,17 @@ class _Pickler(cloudpickle.CloudPickler):
         if CallbackContext is not None and type(obj) is CallbackContext:
             state = strip_callback_siblings(obj)
             if state is not None:
-                return copyreg.__newobj__, (CallbackContext,), state
+                return copyreg.__newobj__, (CallbackContext,), state  # type: ignore[attr-defined]
         return super().reducer_override(obj)
 
-    def persistent_id(self, obj):
+    def persistent_id(self, obj: Any) -> tuple[str, str, str] | None:
         ref = self.table.persistent_id(obj)
         if ref is not None:
             self.refs[ref[1]] = ref[2]
         return ref
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: Any) -> bytes:
     """Serialize ``obj`` for a node (protocol 5, by value for user code)."""
     _send_user_modules_by_value()
     buffer = io.BytesIO()
@@ -113,7 +125,9 @@ def dumps(obj) -> bytes:
     return buffer.getvalue()
 
 
-def dumps_with_blobs(obj, table, drop=None) -> tuple[bytes, list]:
+def dumps_with_blobs(
+    obj: Any, table: BlobTable, drop: object = None
+) -> tuple[bytes, list[tuple[str, str]]]:
     """Serialize ``obj`` with its large arrays left in ``table``.
 
     ``drop``, wherever it occurs in ``obj``, is sent as None. Returns the
@@ -126,6 +140,6 @@ def dumps_with_blobs(obj, table, drop=None) -> tuple[bytes, list]:
     return buffer.getvalue(), sorted(pickler.refs.items())
 
 
-def loads(data: bytes):
+def loads(data: bytes) -> Any:
     """Inverse of :func:`dumps`."""
     return pickle.loads(data)

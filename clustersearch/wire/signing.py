@@ -24,11 +24,14 @@ adds a public-key signature per message. One shared secret is what a shelf
 of boards can manage, covers both directions, and costs microseconds.
 """
 
+from __future__ import annotations
+
 import hashlib
 import hmac
 import json
 import os
 import time
+from typing import Any
 
 from ..exceptions import ConfigurationError, MessageRejected
 
@@ -37,7 +40,9 @@ __all__ = ["MessageRejected", "Signer", "load_secret"]
 DEFAULT_MAX_AGE_S = 3600.0
 
 
-def load_secret(secret=None, secret_file=None):
+def load_secret(
+    secret: str | bytes | None = None, secret_file: str | os.PathLike[str] | None = None
+) -> bytes | None:
     """The secret as bytes: ``secret``, else ``secret_file``'s content, else
     ``$CLUSTERSEARCH_SECRET``, else ``$CLUSTERSEARCH_SECRET_FILE``; None if
     none is set. Whitespace around it (a file's trailing newline) is not
@@ -63,7 +68,7 @@ def load_secret(secret=None, secret_file=None):
     return bytes(secret)
 
 
-def _canonical(obj) -> bytes:
+def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -77,7 +82,7 @@ class Signer:
         Seconds a signed task stays valid.
     """
 
-    def __init__(self, secret, max_age=DEFAULT_MAX_AGE_S):
+    def __init__(self, secret: bytes | None, max_age: float = DEFAULT_MAX_AGE_S) -> None:
         self.secret = secret
         self.max_age = max_age
 
@@ -92,7 +97,11 @@ class Signer:
             return None
         return hmac.new(self.secret, b"clustersearch-fingerprint", hashlib.sha256).hexdigest()[:16]
 
-    def _mac(self, kind, task_id, signed_at, context, payload) -> str:
+    def _mac(
+        self, kind: str, task_id: str, signed_at: float, context: Any, payload: bytes
+    ) -> str:
+        # sign() and verify() return before this when there is no secret.
+        assert self.secret is not None
         mac = hmac.new(self.secret, digestmod=hashlib.sha256)
         for part in (kind.encode(), task_id.encode(), repr(float(signed_at)).encode(),
                      _canonical(context)):  # fmt: skip
@@ -101,14 +110,25 @@ class Signer:
         mac.update(payload)
         return mac.hexdigest()
 
-    def sign(self, kind, task_id, payload, context=None) -> dict:
+    def sign(
+        self, kind: str, task_id: str, payload: bytes, context: Any = None
+    ) -> dict[str, Any]:
         """The ``auth`` field to send with ``payload``."""
         if self.secret is None:
             return {}
         signed_at = time.time()
         return {"t": signed_at, "mac": self._mac(kind, task_id, signed_at, context, payload)}
 
-    def verify(self, kind, task_id, payload, auth, context=None, *, check_age=True):
+    def verify(
+        self,
+        kind: str,
+        task_id: str,
+        payload: bytes,
+        auth: Any,
+        context: Any = None,
+        *,
+        check_age: bool = True,
+    ) -> None:
         """Raise MessageRejected unless ``auth`` signs ``payload``."""
         if self.secret is None:
             return

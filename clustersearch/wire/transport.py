@@ -9,10 +9,13 @@ few dozen failed that way. Writing to a hidden temporary name and renaming
 it into place (atomic on POSIX) closes both races.
 """
 
+from __future__ import annotations
+
 import os
 import uuid
 import weakref
 from time import monotonic
+from typing import Any
 
 from celery.backends.filesystem import FilesystemBackend as _CeleryFilesystemBackend
 from celery.backends.rpc import RPCBackend as _CeleryRPCBackend
@@ -28,7 +31,7 @@ TRANSPORT = "clustersearch.wire.transport:Transport"
 FILE_BACKEND = "clustersearch.wire.transport:FilesystemBackend+"
 
 
-def _write_atomically(path, data: bytes) -> None:
+def _write_atomically(path: str | bytes | os.PathLike[str], data: bytes) -> None:
     folder, name = os.path.split(os.fsdecode(path))
     # A leading dot: kombu's consumer matches '<anything>.<queue>.msg' only.
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
@@ -45,7 +48,9 @@ def _write_atomically(path, data: bytes) -> None:
 
 
 class Channel(filesystem.Channel):
-    def _put(self, queue, payload, **kwargs):
+    # kombu.transport.filesystem.Channel._put's own signature, which names its
+    # second parameter unlike the abstract channel's.
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         filename = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
         path = os.path.join(self.data_folder_out, filename)
         try:
@@ -59,7 +64,7 @@ class Transport(filesystem.Transport):
 
 
 class FilesystemBackend(_CeleryFilesystemBackend):
-    def set(self, key, value):
+    def set(self, key: str | bytes, value: str | bytes) -> None:
         _write_atomically(self._filename(key), str_to_bytes(value))
 
 
@@ -77,9 +82,9 @@ class RPCBackend(_CeleryRPCBackend):
     channel (after a reconnect) declares it again.
     """
 
-    _declared_on = None
+    _declared_on: weakref.ref[Any] | None = None
 
-    def on_task_call(self, producer, task_id):
+    def on_task_call(self, producer: Any, task_id: str) -> None:
         channel = producer.channel
         if self._declared_on is not None and self._declared_on() is channel:
             return
