@@ -136,7 +136,8 @@ class Damaging(ClassifierMixin, BaseEstimator):
                     except FileNotFoundError:
                         continue
                     data[-8:] = bytes(255 - b for b in data[-8:])
-                    tmp = path.with_name(".tmp-" + path.name)
+                    # A name of its own: fits in other processes corrupt too.
+                    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
                     tmp.write_bytes(data)
                     os.replace(tmp, path)
         time.sleep(self.delay)
