@@ -10,7 +10,7 @@ LocalCluster (one node per CPU core, no server needed)::
     python examples/adult_grid_search.py --cluster amqp://remote:secret@pine0//
 
 The data is read from --data, else $CLUSTERSEARCH_DATA, else ../shared/data/adult
-beside this checkout, else the user cache (downloaded from OpenML once).
+beside this checkout, else the copy shipped with clustersearch (no network needed).
 """
 
 import argparse
