@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from kombu import Connection
 
+from ._optional import check_url, missing_dependency
 from ._progress import Progress, progress_enabled
 from .exceptions import BrokerUnreachableError, NodeStartupError, NoWorkersError
 from .worker import INFO_COMMAND, create_app, default_backend
@@ -272,12 +273,14 @@ class Cluster:
 
     def check_connection(self) -> None:
         """Raise BrokerUnreachableError unless the broker and backend answer."""
+        check_url(self.broker_url, "broker")  # MissingDependencyError: what to install
+        check_url(self.backend_url, "result backend")
         conn = None
         try:
             conn = self.app.connection_for_write()
             conn.ensure_connection(max_retries=1, timeout=self.connect_timeout)
         except Exception as exc:
-            raise BrokerUnreachableError(
+            raise missing_dependency(exc, self.broker_url, "broker") or BrokerUnreachableError(
                 f"cannot reach the broker at {redact(self.broker_url)!r}: {exc}. "
                 "Check that it runs, that this machine can reach its host and "
                 "port, and the user name and password in the URL"
@@ -292,7 +295,7 @@ class Cluster:
                     max_retries=1, timeout=self.connect_timeout
                 )
             except Exception as exc:
-                raise BrokerUnreachableError(
+                raise missing_dependency(exc, self.backend_url, "result backend") or BrokerUnreachableError(
                     f"cannot reach the result backend at {redact(self.backend_url)!r}: "
                     f"{exc}. Check that Redis runs and that this machine can reach it"
                 ) from exc

@@ -5,6 +5,9 @@ import os
 import socket
 import sys
 
+from ._optional import check_url
+from .exceptions import MissingDependencyError
+
 __all__ = ["main"]
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -119,6 +122,8 @@ def _run_worker(args):
                 "--allow-root (or set C_FORCE_ROOT=1) if you accept that."
             )
     _check_security(args)
+    check_url(args.broker, "broker")  # a MissingDependencyError says what to install
+    check_url(args.backend, "result backend")
     concurrency = args.concurrency if args.concurrency is not None else os.cpu_count() or 1
     if concurrency < 1:
         sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
@@ -178,9 +183,12 @@ def _run_nodes(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.command == "worker":
-        return _run_worker(args)
-    return _run_nodes(args)
+    try:
+        if args.command == "worker":
+            return _run_worker(args)
+        return _run_nodes(args)
+    except MissingDependencyError as exc:
+        sys.exit(f"clustersearch {args.command}: {exc}")
 
 
 if __name__ == "__main__":  # pragma: no cover

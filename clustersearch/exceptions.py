@@ -9,6 +9,7 @@ __all__ = [
     "BrokerUnreachableError",
     "CallbackNotSupportedError",
     "ClusterSearchError",
+    "MissingDependencyError",
     "NoWorkersError",
     "NodeFailureError",
     "NodeStartupError",
@@ -34,6 +35,14 @@ class BrokerUnreachableError(ClusterSearchError, ConnectionError):
 
 class CallbackNotSupportedError(ClusterSearchError, ValueError):
     """A scikit-learn callback whose copies on the nodes could not report back."""
+
+
+class MissingDependencyError(ClusterSearchError, ImportError):
+    """A broker or result backend needs a package that is not installed.
+
+    The message names the package and the extra that brings it, e.g.
+    ``pip install 'clustersearch[redis]'``.
+    """
 
 
 class NoWorkersError(ClusterSearchError, TimeoutError):
