@@ -34,6 +34,14 @@ def cluster(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-m", "cluster", *session.posargs)
 
 
+@nox.session(venv_backend="none")
+def smoke(session: nox.Session) -> None:
+    """Install like a user: the wheel into a bare venv (no test dependencies),
+    two nodes per broker from its CLI, a search over RabbitMQ with Redis
+    results and over Redis alone (.ci/install_smoke.sh; CI runs it)."""
+    session.run("bash", ".ci/install_smoke.sh", external=True)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check, then mypy on the package (its settings: pyproject.toml)."""

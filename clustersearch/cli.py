@@ -9,6 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._optional import check_url
+from .exceptions import MissingDependencyError
+
 __all__ = ["main"]
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -124,6 +127,8 @@ def _run_worker(args: argparse.Namespace) -> None:
                 "--allow-root (or set C_FORCE_ROOT=1) if you accept that."
             )
     secret = _check_security(args)
+    check_url(args.broker, "broker")  # a MissingDependencyError says what to install
+    check_url(args.backend, "result backend")
     concurrency = args.concurrency if args.concurrency is not None else os.cpu_count() or 1
     if concurrency < 1:
         sys.exit(f"clustersearch worker: --concurrency must be >= 1, got {concurrency}")
@@ -196,10 +201,13 @@ def _run_nodes(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int | None:
     args = _parser().parse_args(argv)
-    if args.command == "worker":
-        _run_worker(args)
-        return None
-    return _run_nodes(args)
+    try:
+        if args.command == "worker":
+            _run_worker(args)
+            return None
+        return _run_nodes(args)
+    except MissingDependencyError as exc:
+        sys.exit(f"clustersearch {args.command}: {exc}")
 
 
 if __name__ == "__main__":  # pragma: no cover

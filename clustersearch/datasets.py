@@ -1,21 +1,20 @@
 """Dataset loaders.
 
 Currently provides :func:`load_adult`, a loader for the UCI Adult (a.k.a.
-"Census Income") dataset that reads the original UCI files from a local
-folder and falls back to OpenML when they are not there.
+"Census Income") dataset. The original UCI files ship with the package,
+gzip-compressed, in ``clustersearch/data/adult`` (CC BY 4.0; see the README
+there); another copy can be named with ``data_home`` or ``CLUSTERSEARCH_DATA``.
 
-The core parsing and one-hot encoding only need the standard library and
-NumPy; pandas is optional and only required for ``as_frame=True`` (and for
-the OpenML download path, because ``fetch_openml(as_frame=True)`` needs it).
+The parsing and one-hot encoding only need the standard library and NumPy;
+pandas is optional and only required for ``as_frame=True``.
 """
 
-from __future__ import annotations
-
 import csv
+import gzip
+import importlib.resources
 import itertools
 import os
 import warnings
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,8 +195,6 @@ _MISSING = "?"
 _POSITIVE_LABEL = ">50K"
 _TARGET_NAMES = ("<=50K", ">50K")
 _FILES = {"train": "adult.data", "test": "adult.test"}
-_N_TRAIN = 32561
-_N_TEST = 16281
 _SUBSETS = ("train", "test", "all")
 
 _FALLBACK_DESCR = """\
@@ -221,30 +218,43 @@ License: Creative Commons Attribution 4.0 International (CC BY 4.0).
 # --------------------------------------------------------------------------
 
 
-def _default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/clustersearch/adult`` or ``~/.cache/clustersearch/adult``."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    # The XDG spec says relative paths must be ignored.
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "clustersearch" / "adult"
+def _packaged_folder():
+    """The copy shipped in the package (``clustersearch/data/adult``)."""
+    return importlib.resources.files("clustersearch") / "data" / "adult"
 
 
-def _resolve_data_home(data_home: str | os.PathLike[str] | None) -> tuple[Path, str]:
+def _resolve_data_home(data_home):
     """Return ``(folder, how)`` where *how* says where the folder came from."""
     if data_home is not None:
         return Path(os.fspath(data_home)).expanduser(), "the data_home argument"
     env = os.environ.get(DATA_ENV_VAR, "")
     if env:
         return Path(env).expanduser(), f"the {DATA_ENV_VAR} environment variable"
-    return _default_cache_dir(), "the default cache folder"
+    return _packaged_folder(), "the copy shipped with clustersearch"
 
 
-def _guidance(folder: Path, how: str, files: Iterable[str]) -> str:
+def _find(folder, name):
+    """``folder/name``, else ``folder/name.gz``, else None."""
+    for candidate in (name, name + ".gz"):
+        path = folder / candidate
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_text(path, errors="strict"):
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    return data.decode("utf-8", errors=errors)
+
+
+def _guidance(folder, how, files):
     return (
-        f"looked for {', '.join(files)} in '{folder}' (from {how}). "
-        f"Put the UCI files adult.data and adult.test in a folder and either "
-        f"set the {DATA_ENV_VAR} environment variable to that folder or pass "
-        f"data_home=<folder> to load_adult()"
+        f"looked for {', '.join(files)} (or the same gzip-compressed, .gz) in "
+        f"'{folder}' (from {how}). Put the UCI files adult.data and adult.test "
+        f"in that folder, or leave data_home=None and unset {DATA_ENV_VAR} to "
+        f"read the copy shipped with clustersearch"
     )
 
 
@@ -253,7 +263,7 @@ def _guidance(folder: Path, how: str, files: Iterable[str]) -> str:
 # --------------------------------------------------------------------------
 
 
-def _read_uci_file(path: Path) -> list[list[str]]:
+def _read_uci_file(path):
     """Parse one UCI Adult file into 15 lists of stripped strings.
 
     Blank lines and ``|`` comment lines (``adult.test`` starts with
@@ -261,32 +271,32 @@ def _read_uci_file(path: Path) -> list[list[str]]:
     """
     n_cols = len(ADULT_COLUMNS)
     rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if len(row) == n_cols:
-                rows.append(row)
-            elif not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line
-            elif row[0].lstrip().startswith("|"):
-                continue  # comment line
-            else:
-                raise ValueError(
-                    f"{path}, line {lineno}: expected {n_cols} comma-separated "
-                    f"fields, got {len(row)}"
-                )
+    lines = _read_text(path).splitlines()
+    for lineno, row in enumerate(csv.reader(lines), start=1):
+        if len(row) == n_cols:
+            rows.append(row)
+        elif not row or (len(row) == 1 and not row[0].strip()):
+            continue  # blank line
+        elif row[0].lstrip().startswith("|"):
+            continue  # comment line
+        else:
+            raise ValueError(
+                f"{path}, line {lineno}: expected {n_cols} comma-separated "
+                f"fields, got {len(row)}"
+            )
     if not rows:
         return [[] for _ in range(n_cols)]
     return [list(map(str.strip, col)) for col in zip(*rows, strict=True)]
 
 
-def _concat(parts: Sequence[list[list[str]]]) -> list[list[str]]:
+def _concat(parts):
     """Concatenate several column-lists produced by :func:`_read_uci_file`."""
     if len(parts) == 1:
         return parts[0]
     return [sum((p[j] for p in parts), []) for j in range(len(ADULT_COLUMNS))]
 
 
-def _labels_to_y(labels: Sequence[str]) -> np.ndarray:
+def _labels_to_y(labels):
     """1 for '>50K' (with or without the trailing '.' of adult.test), else 0."""
     return np.fromiter(
         (label.rstrip(".").strip() == _POSITIVE_LABEL for label in labels),
@@ -295,14 +305,14 @@ def _labels_to_y(labels: Sequence[str]) -> np.ndarray:
     )
 
 
-def _numeric(values: Sequence[str]) -> np.ndarray:
+def _numeric(values):
     """Strings to float64; '?' or empty becomes NaN."""
     return np.array(
         ["nan" if v in (_MISSING, "") else v for v in values], dtype=np.float64
     )
 
 
-def _category_codes(name: str, values: list[str]) -> np.ndarray:
+def _category_codes(name, values):
     """Index into ADULT_CATEGORIES[name]; -1 for missing / unknown values."""
     lookup = {cat: i for i, cat in enumerate(ADULT_CATEGORIES[name])}
     codes = np.fromiter(
@@ -323,14 +333,14 @@ def _category_codes(name: str, values: list[str]) -> np.ndarray:
     return codes
 
 
-def _one_hot_feature_names() -> list[str]:
+def _one_hot_feature_names():
     names = list(ADULT_NUMERIC_COLUMNS)
     for col in ADULT_CATEGORICAL_COLUMNS:
         names.extend(f"{col}={cat}" for cat in ADULT_CATEGORIES[col])
     return names
 
 
-def _encode(columns: Sequence[list[str]]) -> np.ndarray:
+def _encode(columns):
     """One-hot encode parsed columns into a float64 array.
 
     Layout, like ``pd.get_dummies`` on the raw frame: the 6 numeric columns
@@ -355,7 +365,7 @@ def _encode(columns: Sequence[list[str]]) -> np.ndarray:
     return X
 
 
-def _to_frame(columns: Sequence[list[str]], pd: Any) -> Any:
+def _to_frame(columns, pd):
     """Raw feature DataFrame (14 columns) from parsed columns."""
     by_name = dict(zip(ADULT_COLUMNS, columns, strict=True))
     data = {}
@@ -375,50 +385,6 @@ def _to_frame(columns: Sequence[list[str]], pd: Any) -> Any:
 
 
 # --------------------------------------------------------------------------
-# OpenML fallback
-# --------------------------------------------------------------------------
-
-
-def _openml_columns() -> tuple[list[list[str]], list[list[str]]]:
-    """Download adult v2 from OpenML and return (train, test) column-lists."""
-    from sklearn.datasets import fetch_openml
-
-    bunch = fetch_openml("adult", version=2, as_frame=True, parser="auto")
-    frame = bunch.frame
-    if frame is None:  # pragma: no cover - as_frame=True always sets it
-        raise ValueError("OpenML returned no data frame")
-    n_total = _N_TRAIN + _N_TEST
-    if len(frame) != n_total:
-        raise ValueError(
-            f"expected {n_total} rows from OpenML adult v2, got {len(frame)}"
-        )
-    # Match OpenML's column names to the UCI ones ('class' is the target).
-    norm = {str(c).strip().lower().replace("_", "-"): c for c in frame.columns}
-    for alias in ("class", "income", "target"):
-        if alias in norm:
-            norm.setdefault(_TARGET_COLUMN, norm[alias])
-            break
-    missing = [c for c in ADULT_COLUMNS if c not in norm]
-    if missing:
-        raise ValueError(f"OpenML adult v2 lacks expected columns {missing}")
-
-    columns = []
-    for col in ADULT_COLUMNS:
-        series = frame[norm[col]]
-        if col in ADULT_NUMERIC_COLUMNS:
-            vals = series.to_numpy(dtype=np.float64, na_value=np.nan)
-            columns.append([_MISSING if np.isnan(v) else repr(float(v)) for v in vals])
-        else:
-            vals = series.astype(object).to_numpy()
-            columns.append(
-                [_MISSING if (v is None or v != v) else str(v).strip() for v in vals]
-            )
-    train = [c[:_N_TRAIN] for c in columns]
-    test = [c[_N_TRAIN:] for c in columns]
-    return train, test
-
-
-# --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
 
@@ -433,23 +399,14 @@ def load_adult(
 ) -> tuple[Any, Any] | Bunch:
     """Load the UCI Adult ("Census Income") binary classification dataset.
 
-    The original UCI files are read from a local folder: ``adult.data``
-    (train, 32,561 rows) and ``adult.test`` (test, 16,281 rows; its first
-    line is a ``|1x3 Cross validator`` comment and its labels carry a
-    trailing ``.``, e.g. ``>50K.``). The folder is, in order of precedence,
-    *data_home*, the ``CLUSTERSEARCH_DATA`` environment variable, or the user
-    cache folder ``$XDG_CACHE_HOME/clustersearch/adult`` (default
-    ``~/.cache/clustersearch/adult``).
-
-    If the needed files are not there and ``download=True``, the data is
-    fetched from OpenML with
-    ``sklearn.datasets.fetch_openml("adult", version=2, as_frame=True,
-    parser="auto")`` (which needs pandas and network access, and is cached
-    by scikit-learn in its own data folder, not in the folder above).
-    OpenML's adult v2 holds train and test combined (48,842 rows); the first
-    32,561 rows are taken as train and the rest as test. **This assumes that
-    OpenML's row order matches UCI's (``adult.data`` followed by
-    ``adult.test``); it has not been verified by this library.**
+    The original UCI files are read: ``adult.data`` (train, 32,561 rows)
+    and ``adult.test`` (test, 16,281 rows; its first line is a ``|1x3 Cross
+    validator`` comment and its labels carry a trailing ``.``, e.g.
+    ``>50K.``). They are read from *data_home*, else from the folder named
+    by the ``CLUSTERSEARCH_DATA`` environment variable, else from the copy
+    shipped with clustersearch (``clustersearch/data/adult``, gzip-compressed),
+    so no network access is ever needed. In a folder, ``adult.data.gz`` etc.
+    are read when the uncompressed files are absent.
 
     Fields are whitespace-stripped and ``'?'`` marks a missing value. The
     target is 1 for ``>50K`` (with or without the trailing ``.``) and 0
@@ -465,9 +422,9 @@ def load_adult(
     ----------
     data_home : str or path-like, default=None
         Folder holding ``adult.data``, ``adult.test`` and optionally
-        ``adult.names``. ``None`` means the ``CLUSTERSEARCH_DATA``
-        environment variable if set and non-empty, else the user cache
-        folder described above.
+        ``adult.names`` (each may be gzip-compressed, ``.gz``). ``None``
+        means the ``CLUSTERSEARCH_DATA`` environment variable if set and
+        non-empty, else the copy shipped with clustersearch.
     subset : {"train", "test", "all"}, default="train"
         Which split to return. ``"all"`` is train followed by test.
     return_X_y : bool, default=True
@@ -485,8 +442,8 @@ def load_adult(
         ``category`` dtype with the fixed vocabulary, missing as NaN) and
         ``y`` a pandas Series named ``"income"``. Requires pandas.
     download : bool, default=True
-        Whether to fetch the data from OpenML when the local files are
-        missing. If False, a missing file raises :class:`FileNotFoundError`.
+        Ignored; kept so that existing calls keep working. Nothing is
+        downloaded: the data ships with the package.
 
     Returns
     -------
@@ -505,7 +462,8 @@ def load_adult(
         - ``frame``: None if ``as_frame=False``, else a DataFrame with the
           14 feature columns and the ``"income"`` target column.
         - ``DESCR``: the contents of ``adult.names`` if present in the
-          folder, else a short built-in description.
+          folder (it is in the shipped copy), else a short built-in
+          description.
 
     Raises
     ------
@@ -515,10 +473,9 @@ def load_adult(
     ImportError
         If ``as_frame=True`` and pandas is not installed.
     FileNotFoundError
-        If a needed file is missing and ``download=False``.
-    OSError
-        If a needed file is missing and the OpenML download fails (the
-        original error is chained as ``__cause__``).
+        If a needed file is missing from the folder named by *data_home* or
+        ``CLUSTERSEARCH_DATA`` (there is no silent fallback to the shipped
+        copy when a folder is named).
 
     Examples
     --------
@@ -549,27 +506,13 @@ def load_adult(
 
     folder, how = _resolve_data_home(data_home)
     splits = ("train", "test") if subset == "all" else (subset,)
-    paths = [folder / _FILES[s] for s in splits]
-    absent = [p.name for p in paths if not p.is_file()]
-
-    if not absent:
-        parts = [_read_uci_file(p) for p in paths]
-    elif not download:
+    paths = {_FILES[split]: _find(folder, _FILES[split]) for split in splits}
+    absent = [name for name, path in paths.items() if path is None]
+    if absent:
         raise FileNotFoundError(
-            f"Adult dataset not found: {_guidance(folder, how, absent)}, "
-            f"or call it with download=True to fetch it from OpenML."
+            f"Adult dataset not found: {_guidance(folder, how, absent)}."
         )
-    else:
-        try:
-            train, test = _openml_columns()
-        except Exception as exc:
-            raise OSError(
-                f"Adult dataset not found locally and downloading it from "
-                f"OpenML failed ({type(exc).__name__}: {exc}); "
-                f"{_guidance(folder, how, absent)}."
-            ) from exc
-        by_split = {"train": train, "test": test}
-        parts = [by_split[s] for s in splits]
+    parts = [_read_uci_file(path) for path in paths.values()]
 
     columns = _concat(parts)
     y = _labels_to_y(columns[-1])
@@ -588,9 +531,9 @@ def load_adult(
     if return_X_y:
         return X, y
 
-    names_file = folder / "adult.names"
+    names_file = _find(folder, "adult.names")
     try:
-        descr = names_file.read_text(encoding="utf-8", errors="replace")
+        descr = _read_text(names_file, "replace") if names_file else _FALLBACK_DESCR
     except OSError:
         descr = _FALLBACK_DESCR
 

@@ -15,6 +15,7 @@ __all__ = [
     "CallbackNotSupportedError",
     "ClusterSearchError",
     "ConfigurationError",
+    "MissingDependencyError",
     "NoWorkersError",
     "NodeFailureError",
     "NodeStartupError",
@@ -45,6 +46,14 @@ class CallbackNotSupportedError(ClusterSearchError, ValueError):
 
 class ConfigurationError(ClusterSearchError, ValueError):
     """A setting is invalid: a policy value, a secret, a size."""
+
+
+class MissingDependencyError(ClusterSearchError, ImportError):
+    """A broker or result backend needs a package that is not installed.
+
+    The message names the package and the extra that brings it, e.g.
+    ``pip install 'clustersearch[redis]'``.
+    """
 
 
 class NoWorkersError(ClusterSearchError, TimeoutError):

@@ -5,12 +5,12 @@ x min_samples_leaf x max_depth) with ClusterGridSearchCV. Without
 ``--cluster`` and without CLUSTERSEARCH_BROKER_URL it runs on an embedded
 LocalCluster (one node per CPU core, no server needed)::
 
-    python examples/adult_grid_search.py                 # 24 candidates, ~20 s on 2 cores
+    python examples/adult_grid_search.py                 # 24 candidates, ~40 s on 2 idle cores
     python examples/adult_grid_search.py --grid full     # the original 3,360 candidates
     python examples/adult_grid_search.py --cluster amqp://remote:secret@pine0//
 
 The data is read from --data, else $CLUSTERSEARCH_DATA, else ../shared/data/adult
-beside this checkout, else the user cache (downloaded from OpenML once).
+beside this checkout, else the copy shipped with clustersearch (no network needed).
 """
 
 import argparse

@@ -1,5 +1,8 @@
 """Tests for clustersearch.datasets (no network access needed)."""
 
+import gzip
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -36,10 +39,9 @@ def adult_dir():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
-    """No test may see the caller's CLUSTERSEARCH_DATA or real cache dir."""
+def _isolated_env(monkeypatch):
+    """No test may see the caller's CLUSTERSEARCH_DATA."""
     monkeypatch.delenv("CLUSTERSEARCH_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
 def _col(name):
@@ -322,24 +324,30 @@ def test_missing_names_file_gives_fallback_descr(tiny_dir):
 
 
 # --------------------------------------------------------------------------
-# Errors and the (mocked) download path
+# Errors
 # --------------------------------------------------------------------------
 
 
-def test_empty_folder_without_download_raises(tmp_path):
+@pytest.mark.parametrize("download", [False, True])
+def test_empty_folder_raises(tmp_path, download):
+    # A named folder without the files is an error, never a silent fallback
+    # to the shipped copy (download=True downloads nothing).
     with pytest.raises(FileNotFoundError, match="CLUSTERSEARCH_DATA") as info:
-        load_adult(tmp_path, download=False)
+        load_adult(tmp_path, download=download)
     msg = str(info.value)
     assert str(tmp_path) in msg
     assert "data_home" in msg
     assert "adult.data" in msg
 
 
-def test_default_folder_honors_xdg_cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_empty_env_folder_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLUSTERSEARCH_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
-        load_adult(download=False)
-    assert str(tmp_path / "clustersearch" / "adult") in str(info.value)
+        load_adult(subset="test")
+    msg = str(info.value)
+    assert str(tmp_path) in msg
+    assert "the CLUSTERSEARCH_DATA environment variable" in msg
+    assert "adult.test" in msg
 
 
 def test_invalid_subset():
@@ -356,78 +364,104 @@ def test_as_frame_without_pandas(tiny_dir, monkeypatch):
     assert X.shape == (3, N_ONE_HOT)
 
 
-def test_download_failure_raises_oserror(tmp_path, monkeypatch):
-    import sklearn.datasets
+# --------------------------------------------------------------------------
+# The copy shipped in the package
+# --------------------------------------------------------------------------
 
-    cause = ConnectionError("no network in tests")
-
-    def fail(*args, **kwargs):
-        raise cause
-
-    monkeypatch.setattr(sklearn.datasets, "fetch_openml", fail)
-    with pytest.raises(OSError) as info:
-        load_adult(tmp_path, download=True)
-    err = info.value
-    assert not isinstance(err, FileNotFoundError)
-    assert err.__cause__ is cause
-    msg = str(err)
-    assert "OpenML" in msg
-    assert str(tmp_path) in msg
-    assert "CLUSTERSEARCH_DATA" in msg
-    assert "data_home" in msg
+PACKAGED = Path(datasets.__file__).parent / "data" / "adult"
 
 
-def _fake_openml_frame(adult_dir, pd):
-    """Mimic OpenML adult v2: train+test stacked, NaN for '?', 'class' target."""
-    kw = dict(
-        header=None,
-        names=list(ADULT_COLUMNS),
-        skipinitialspace=True,
-        na_values="?",
-    )
-    train = pd.read_csv(adult_dir / "adult.data", **kw)
-    test = pd.read_csv(adult_dir / "adult.test", skiprows=1, **kw)
-    frame = pd.concat([train, test], ignore_index=True)
-    frame["income"] = frame["income"].str.rstrip(".")
-    frame = frame.rename(columns={"income": "class"})
-    for col in list(ADULT_CATEGORICAL_COLUMNS) + ["class"]:
-        frame[col] = frame[col].astype("category")
-    for col in ADULT_NUMERIC_COLUMNS:
-        frame[col] = frame[col].astype("float64")
-    return frame
+def test_packaged_files_are_the_uci_files(adult_dir):
+    for name in ("adult.data", "adult.test", "adult.names"):
+        packaged = gzip.decompress((PACKAGED / (name + ".gz")).read_bytes())
+        assert packaged == (adult_dir / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("subset", ["train", "test", "all"])
-def test_download_path_maps_openml_frame(adult_dir, tmp_path, monkeypatch, subset):
-    pd = pytest.importorskip("pandas")
-    import sklearn.datasets
-    from sklearn.utils import Bunch
-
-    frame = _fake_openml_frame(adult_dir, pd)
-    calls = []
-
-    def fake_fetch_openml(*args, **kwargs):
-        calls.append((args, kwargs))
-        return Bunch(
-            frame=frame, data=frame.drop(columns="class"), target=frame["class"]
-        )
-
-    monkeypatch.setattr(sklearn.datasets, "fetch_openml", fake_fetch_openml)
-    X, y = load_adult(tmp_path, subset=subset, download=True)
-    assert calls == [(("adult",), dict(version=2, as_frame=True, parser="auto"))]
-    X_ref, y_ref = load_adult(adult_dir, subset=subset, download=False)
+def test_packaged_copy_gives_the_same_arrays(adult_dir, subset):
+    X, y = load_adult(subset=subset)  # no data_home, no CLUSTERSEARCH_DATA
+    X_ref, y_ref = load_adult(adult_dir, subset=subset)
+    assert X.shape[0] == {"train": N_TRAIN, "test": N_TEST}.get(
+        subset, N_TRAIN + N_TEST
+    )
     np.testing.assert_array_equal(X, X_ref)
     np.testing.assert_array_equal(y, y_ref)
 
 
-def test_download_path_rejects_wrong_row_count(tmp_path, monkeypatch):
-    pd = pytest.importorskip("pandas")
-    import sklearn.datasets
-    from sklearn.utils import Bunch
+def test_packaged_copy_bunch_has_the_uci_description(adult_dir):
+    bunch = load_adult(return_X_y=False)
+    assert bunch.DESCR == (adult_dir / "adult.names").read_text()
 
-    frame = pd.DataFrame({c: ["x"] for c in ADULT_COLUMNS})
-    monkeypatch.setattr(
-        sklearn.datasets, "fetch_openml", lambda *a, **k: Bunch(frame=frame)
+
+def test_packaged_copy_carries_its_attribution():
+    notice = (PACKAGED / "README.md").read_text()
+    for needed in (
+        "Barry Becker",
+        "Ronny Kohavi",
+        "UCI Machine Learning Repository",
+        "10.24432/C5XW20",
+        "CC BY 4.0",
+    ):
+        assert needed in notice
+
+
+_BARE_LOAD = """
+import socket
+
+def no_network(*args, **kwargs):
+    raise OSError("network used by load_adult")
+
+socket.socket.connect = no_network
+socket.create_connection = no_network
+
+from clustersearch.datasets import load_adult
+
+X, y = load_adult()
+X_test, y_test = load_adult(subset="test")
+print(X.shape[0], X.shape[1], int(y.sum()), X_test.shape[0], int(y_test.sum()))
+"""
+
+
+def test_packaged_copy_is_read_on_a_bare_machine(tmp_path):
+    """No data_home, an empty CLUSTERSEARCH_DATA, an empty home, cwd elsewhere
+    and no network: the shipped copy is read."""
+    home = tmp_path / "home"
+    cwd = tmp_path / "elsewhere"
+    home.mkdir()
+    cwd.mkdir()
+    package_root = Path(datasets.__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTERSEARCH_")}
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        CLUSTERSEARCH_DATA="",
+        PYTHONPATH=str(package_root),
     )
-    with pytest.raises(OSError, match="48842"):
-        load_adult(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BARE_LOAD],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        str(N_TRAIN),
+        str(N_ONE_HOT),
+        "7841",
+        str(N_TEST),
+        "3846",
+    ]
+    assert list(home.iterdir()) == []  # nothing downloaded or cached
+
+
+def test_gzip_files_in_a_folder(tiny_dir):
+    X_plain, y_plain = load_adult(tiny_dir, subset="all")
+    for name in ("adult.data", "adult.test"):
+        path = tiny_dir / name
+        (tiny_dir / (name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    X, y = load_adult(tiny_dir, subset="all")
+    np.testing.assert_array_equal(X, X_plain)
+    np.testing.assert_array_equal(y, y_plain)

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from kombu import Connection
 
+from .._optional import check_url, missing_dependency
 from ..exceptions import (
     BrokerUnreachableError,
     ConfigurationError,
@@ -241,13 +242,16 @@ class Cluster:
         return self.backend or default_backend(self.broker_url)
 
     def check_connection(self) -> None:
-        """Raise BrokerUnreachableError unless the broker and backend answer."""
+        """Raise BrokerUnreachableError unless the broker and backend answer
+        (MissingDependencyError when a package they need is missing)."""
+        check_url(self.broker_url, "broker")
+        check_url(self.backend_url, "result backend")
         conn = None
         try:
             conn = self.app.connection_for_write()
             conn.ensure_connection(max_retries=1, timeout=self.policy.connect_timeout)
         except Exception as exc:
-            raise BrokerUnreachableError(
+            raise missing_dependency(exc, self.broker_url, "broker") or BrokerUnreachableError(
                 f"cannot reach the broker at {redact(self.broker_url)!r}: {exc}. "
                 "Check that it runs, that this machine can reach its host and "
                 "port, and the user name and password in the URL"
@@ -263,7 +267,8 @@ class Cluster:
                     max_retries=1, timeout=timeout
                 )
             except Exception as exc:
-                raise BrokerUnreachableError(
+                missing = missing_dependency(exc, self.backend_url, "result backend")
+                raise missing or BrokerUnreachableError(
                     f"cannot reach the result backend at {redact(self.backend_url)!r}: "
                     f"{exc}. Check that Redis runs and that this machine can reach it"
                 ) from exc
