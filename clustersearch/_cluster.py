@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from kombu import Connection
 
+from ._lifeline import Lifeline
 from ._progress import Progress, progress_enabled
 from .exceptions import BrokerUnreachableError, NodeStartupError, NoWorkersError
 from .worker import INFO_COMMAND, create_app, default_backend
@@ -551,7 +552,11 @@ class LocalCluster(Cluster):
         token = os.path.basename(self.directory).rsplit("-", 1)[-1][:6].lower()
         self.node_names = [f"local{i}-{token}" for i in range(self.n_workers)]
         self._procs = []
-        self._finalizer = weakref.finalize(self, _stop, self._procs, self.directory)
+        # The nodes end when it closes, also when this process dies unawares.
+        self._lifeline = Lifeline()
+        self._finalizer = weakref.finalize(
+            self, _stop, self._procs, self.directory, self._lifeline
+        )
         try:
             self._start()
             self._wait_ready()
@@ -605,15 +610,18 @@ class LocalCluster(Cluster):
                 cmd += ["--backend", self.backend]
             if self.allow_root:
                 cmd.append("--allow-root")
+            cmd += self._lifeline.node_args(self.directory)
             log = open(logs / f"{name}.log", "ab")
             try:
                 # A session of its own: Ctrl-C in the client does not stop it.
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                    pass_fds=self._lifeline.pass_fds,
                 )
             finally:
                 log.close()
             self._procs.append(proc)
+        self._lifeline.started()
 
     def _wait_ready(self):
         deadline = time.monotonic() + self.startup_timeout
@@ -656,7 +664,10 @@ def _hostname():
     return socket.gethostname()
 
 
-def _stop(procs, directory):
+def _stop(procs, directory, lifeline):
+    # The nodes stop on their own when the lifeline closes; the signals below
+    # are for a node that does not.
+    lifeline.close()
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

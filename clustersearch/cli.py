@@ -43,6 +43,10 @@ def _parser():
                         "with it, the node runs only work signed with that secret")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
+    # For LocalCluster (see _lifeline): stop when this pipe's write end, held
+    # by the client, closes; then remove the cluster's folder.
+    worker.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--watch-remove", default=None, help=argparse.SUPPRESS)
 
     nodes = sub.add_parser("nodes", help="list the live nodes")
     nodes.add_argument("--broker", default=env_broker, required=env_broker is None)
@@ -110,6 +114,11 @@ def _check_security(args):
 
 
 def _run_worker(args):
+    from ._lifeline import bound_shutdown, watch
+
+    if args.watch_fd is not None:
+        watch(args.watch_fd, args.watch_remove)
+    bound_shutdown()
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         if not (args.allow_root or os.environ.get("C_FORCE_ROOT")):
             sys.exit(
