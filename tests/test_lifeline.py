@@ -101,6 +101,18 @@ _CLIENT = {
 
         cluster = LocalCluster(n_workers=2)
     """,
+    # A process forked from the client (multiprocessing's "fork") outlives
+    # it: it must not hold the nodes' lifeline.
+    "LocalCluster, a forked child lives on": """
+        import os, time
+        from clustersearch import LocalCluster
+
+        cluster = LocalCluster(n_workers=2)
+        CHILD = os.fork()
+        if CHILD == 0:
+            time.sleep(600)
+            os._exit(0)
+    """,
     # cluster=None: the embedded cluster started on first use.
     "cluster=None": """
         from sklearn.datasets import load_iris
@@ -126,7 +138,7 @@ _REPORT = """
 
     main = [proc.pid for proc in cluster.processes.values()]
     info = {"main": main, "pool": [c for pid in main for c in children(pid)],
-            "folder": cluster.directory}
+            "folder": cluster.directory, "child": globals().get("CHILD")}
     Path(OUT + ".tmp").write_text(json.dumps(info))
     os.replace(OUT + ".tmp", OUT)
     time.sleep(600)
@@ -173,10 +185,14 @@ def test_a_killed_client_leaves_no_node_and_no_folder(tmp_path, how):
         assert _wait_until(lambda: not _mentioning(folder), GUARD_S) is not None
         print(f"\n[{how}] {len(info['main'])} nodes, {len(info['pool'])} pool processes "
               f"and the folder gone {took:.2f} s after the client's SIGKILL")  # fmt: skip
+        if info.get("child"):
+            assert _running(info["child"]), "the forked child should still run"
     finally:
         if client.poll() is None:
             client.kill()
             client.wait()
+        if info.get("child") and _running(info["child"]):
+            os.kill(info["child"], signal.SIGKILL)
         _clean_up(info["main"] + info["pool"], info["folder"])
 
 
