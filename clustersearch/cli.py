@@ -114,7 +114,7 @@ def _check_security(args):
 
 
 def _run_worker(args):
-    from ._lifeline import bound_shutdown, watch
+    from ._lifeline import bound_shutdown, exit_now, watch
 
     if args.watch_fd is not None:
         watch(args.watch_fd, args.watch_remove)
@@ -163,6 +163,7 @@ def _run_worker(args):
         # Nodes do not talk to each other: the client schedules.
         "--without-gossip", "--without-mingle",
     ])  # fmt: skip
+    exit_now(0)
 
 
 def _run_nodes(args):
