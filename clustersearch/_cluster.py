@@ -577,6 +577,13 @@ class LocalCluster(Cluster):
     def __repr__(self):
         return f"LocalCluster(n_workers={self.n_workers}, broker={redact(self.broker_url)!r})"
 
+    def nodes(self, timeout=None):
+        if not self._finalizer.alive:
+            # Closed: its nodes are stopped, and asking would build its
+            # removed folder again (a search still running asks).
+            return []
+        return super().nodes(timeout)
+
     def _broadcast_scope(self):
         host = _hostname()
         return {

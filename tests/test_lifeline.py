@@ -21,6 +21,7 @@ from sklearn.datasets import load_iris
 from sklearn.svm import SVC
 
 from clustersearch import ClusterGridSearchCV, LocalCluster
+from clustersearch.exceptions import NoWorkersError
 
 X, y = load_iris(return_X_y=True)
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,29 +318,61 @@ def test_sigterm_lets_the_running_fit_finish_then_ends_the_node(tmp_path):
         print(f"\na node running a 3 s fit ended {took:.2f} s after SIGTERM")
 
 
+def _fit_in_thread(search):
+    """Start ``search.fit(X, y)``; the list its exception will be put in."""
+    failed = []
+
+    def fit():
+        try:
+            search.fit(X, y)
+        except Exception as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    return thread, failed
+
+
+# Its only node gone, a search fails fast.
+_FAILS_FAST = dict(heartbeat_interval=0.5, missed_heartbeats=2, no_node_timeout=2.0)
+
+
 @pytest.mark.slow
 def test_sigquit_abandons_the_running_fit(tmp_path):
-    with LocalCluster(n_workers=1, no_node_timeout=2.0) as cluster:
+    with LocalCluster(n_workers=1, **_FAILS_FAST) as cluster:
         search = ClusterGridSearchCV(
             _Marks(marker_dir=str(tmp_path), seconds=2 * GUARD_S), {"C": [1]}, cv=2,
             cluster=cluster,
         )  # fmt: skip
-        failed = []
-
-        def fit():
-            try:
-                search.fit(X, y)
-            except Exception as exc:  # its only node is gone: NoWorkersError
-                failed.append(exc)
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
+        thread, failed = _fit_in_thread(search)
         name, proc, pid = _node_running_a_fit(cluster, tmp_path)
         took, _ = _stop_node(proc, signal.SIGQUIT)
         assert took is not None, f"node {name} ignored SIGQUIT for {GUARD_S} s"
         assert not Path(tmp_path, f"{pid}.done").exists()
+        thread.join(GUARD_S)
+        assert isinstance(failed[0], NoWorkersError), failed
         print(f"\na node running a fit ended {took:.2f} s after SIGQUIT")
-    thread.join(GUARD_S)
+
+
+@pytest.mark.slow
+def test_a_search_running_when_its_cluster_closes_leaves_no_folder(tmp_path):
+    # The search asks for its nodes until it gives up: a closed LocalCluster
+    # answers that it has none, and does not build its transport folder again.
+    cluster = LocalCluster(n_workers=1, **_FAILS_FAST)
+    search = ClusterGridSearchCV(
+        _Marks(marker_dir=str(tmp_path), seconds=2 * GUARD_S), {"C": [1]}, cv=2, cluster=cluster
+    )
+    try:
+        thread, failed = _fit_in_thread(search)
+        _node_running_a_fit(cluster, tmp_path)
+        cluster.close()
+        thread.join(GUARD_S)
+        assert not thread.is_alive(), "the search did not end"
+        assert isinstance(failed[0], NoWorkersError), failed
+        assert not Path(cluster.directory).exists(), list(Path(cluster.directory).rglob("*"))
+    finally:
+        cluster.close()
+        shutil.rmtree(cluster.directory, ignore_errors=True)
 
 
 @pytest.mark.slow
