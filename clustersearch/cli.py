@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="refuse task payloads larger than this, unread (default 64MiB)")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
+    # For LocalCluster (see _lifeline): stop when this pipe's write end, held
+    # by the client, closes; then remove the cluster's folder.
+    worker.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--watch-remove", default=None, help=argparse.SUPPRESS)
 
     nodes = sub.add_parser("nodes", help="list the live nodes")
     nodes.add_argument("--broker", default=env_broker, required=env_broker is None)
@@ -118,6 +122,11 @@ def _check_security(args: argparse.Namespace) -> bytes | None:
 
 
 def _run_worker(args: argparse.Namespace) -> None:
+    from .node.lifeline import bound_shutdown, exit_now, watch
+
+    if args.watch_fd is not None:
+        watch(args.watch_fd, args.watch_remove)
+    bound_shutdown()
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         if not (args.allow_root or os.environ.get("C_FORCE_ROOT")):
             sys.exit(
@@ -177,6 +186,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         # Nodes do not talk to each other: the client schedules.
         "--without-gossip", "--without-mingle",
     ])  # fmt: skip
+    exit_now(0)
 
 
 def _run_nodes(args: argparse.Namespace) -> int:

@@ -162,3 +162,22 @@ def test_search_passes_caller_to_every_fit(n_splits):
     with parallel_config(backend=Capture()):
         search.fit(X, y)
     assert seen and all(c is search for c in seen), "scikit-learn no longer passes caller="
+
+
+def test_atexit_run_exitfuncs_runs_the_handlers():
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, os\n"
+        "from clustersearch._compat import run_exit_handlers\n"
+        "atexit.register(print, 'handler ran')\n"
+        "run_exit_handlers()\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout == "handler ran\n", "atexit._run_exitfuncs changed"
+
+
+def test_celery_active_requests_counts():
+    assert _compat.running_fits() == 0

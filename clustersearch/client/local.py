@@ -22,7 +22,8 @@ from typing import Any
 
 from ..exceptions import NodeStartupError
 from ..wire.signing import load_secret
-from .cluster import Cluster, redact
+from .cluster import Cluster, NodeInfo, redact
+from .lifeline import Lifeline
 
 __all__ = ["LocalCluster"]
 
@@ -105,7 +106,11 @@ class LocalCluster(Cluster):
         token = os.path.basename(self.directory).rsplit("-", 1)[-1][:6].lower()
         self.node_names = [f"local{i}-{token}" for i in range(self.n_workers)]
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._finalizer = weakref.finalize(self, _stop, self._procs, self.directory)
+        # The nodes end when it closes, also when this process dies unawares.
+        self._lifeline = Lifeline()
+        self._finalizer = weakref.finalize(
+            self, _stop, self._procs, self.directory, self._lifeline
+        )
         try:
             self._start()
             self._wait_ready()
@@ -127,6 +132,13 @@ class LocalCluster(Cluster):
 
     def __repr__(self) -> str:
         return f"LocalCluster(n_workers={self.n_workers}, broker={redact(self.broker_url)!r})"
+
+    def nodes(self, timeout: float | None = None) -> list[NodeInfo]:
+        if not self._finalizer.alive:
+            # Closed: its nodes are stopped, and asking would build its
+            # removed folder again (a search still running asks).
+            return []
+        return super().nodes(timeout)
 
     def _broadcast_scope(self) -> dict[str, Any]:
         host = socket.gethostname()
@@ -163,15 +175,18 @@ class LocalCluster(Cluster):
                 cmd += ["--backend", self.backend]
             if self.allow_root:
                 cmd.append("--allow-root")
+            cmd += self._lifeline.node_args(self.directory)
             log = open(logs / f"{name}.log", "ab")
             try:
                 # A session of its own: Ctrl-C in the client does not stop it.
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                    pass_fds=self._lifeline.pass_fds,
                 )
             finally:
                 log.close()
             self._procs.append(proc)
+        self._lifeline.started()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -208,7 +223,10 @@ class LocalCluster(Cluster):
         self._finalizer()
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], directory: str) -> None:
+def _stop(procs: list[subprocess.Popen], directory: str, lifeline: Lifeline) -> None:
+    # The nodes stop on their own when the lifeline closes; the signals below
+    # are for a node that does not.
+    lifeline.close()
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

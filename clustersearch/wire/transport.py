@@ -19,6 +19,7 @@ from typing import Any
 
 from celery.backends.filesystem import FilesystemBackend as _CeleryFilesystemBackend
 from celery.backends.rpc import RPCBackend as _CeleryRPCBackend
+from celery.signals import worker_shutting_down
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
@@ -59,8 +60,40 @@ class Channel(filesystem.Channel):
             raise ChannelError(f"Cannot add file {path!r} to directory") from exc
 
 
+# Set in a node's main process when it is asked to shut down.
+_shutting_down: list[Any] = []
+
+
+def _on_shutting_down(**kwargs: Any) -> None:
+    # Celery's signal handler calls this: no locks, no threads.
+    _shutting_down.append(kwargs.get("how"))
+
+
+worker_shutting_down.connect(_on_shutting_down, weak=False, dispatch_uid=__name__)
+
+# The longest a node's loop waits before it looks for a shutdown request.
+_DRAIN_SLICE_S = 0.1
+
+
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        # This transport has no event loop: a node runs Celery's blocking
+        # loop, which looks for a shutdown request (SIGTERM, SIGQUIT) only
+        # between calls, and calls with a 2 s timeout: a node took that long
+        # (more on a busy machine) to start its shutdown. Wait in slices,
+        # and return once a shutdown is asked.
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            left = _DRAIN_SLICE_S if deadline is None else deadline - monotonic()
+            try:
+                return super().drain_events(
+                    connection, timeout=max(0.0, min(_DRAIN_SLICE_S, left)), **kwargs
+                )
+            except TimeoutError:
+                if _shutting_down or (deadline is not None and monotonic() >= deadline):
+                    raise
 
 
 class FilesystemBackend(_CeleryFilesystemBackend):
