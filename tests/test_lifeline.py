@@ -120,7 +120,7 @@ _CLIENT = {
         from sklearn.svm import SVC
 
         from clustersearch import ClusterGridSearchCV
-        from clustersearch._cluster import resolve_cluster
+        from clustersearch.client.cluster import resolve_cluster
 
         X, y = load_iris(return_X_y=True)
         search = ClusterGridSearchCV(SVC(), {"C": [1, 2]}, cv=2).fit(X, y)
