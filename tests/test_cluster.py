@@ -6,10 +6,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REDIS, assert_ran_on_workers, assert_same_results, require_servers
+from conftest import (
+    REDIS,
+    assert_ran_in_pool_processes,
+    assert_ran_on_workers,
+    assert_same_results,
+    require_servers,
+    session_processes,
+)
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.datasets import load_iris, make_classification
@@ -32,8 +40,16 @@ X, y = load_iris(return_X_y=True)
 GRID = {"C": [0.1, 1, 10], "kernel": ["linear", "rbf"]}
 
 
-def _pid_and_node():
+def _pid():
     return os.getpid()
+
+
+class _RecordsPid(SVC):
+    """An SVC that records which process fitted it."""
+
+    def fit(self, X, y, **kwargs):
+        self.fit_pid_ = os.getpid()
+        return super().fit(X, y, **kwargs)
 
 
 # -- where the work runs --------------------------------------------------------
@@ -49,12 +65,14 @@ def test_fits_run_in_worker_processes_not_in_client(cluster):
 def test_joblib_backend_runs_plain_joblib_and_sklearn_code(embedded_cluster):
     client_pid = os.getpid()
     with embedded_cluster.joblib() as session:
-        pids = Parallel(n_jobs=2)(delayed(_pid_and_node)() for _ in range(6))
+        pids = Parallel(n_jobs=2)(delayed(_pid)() for _ in range(6))
         scores = cross_validate(LogisticRegression(max_iter=500), X, y, cv=4)
         plain = GridSearchCV(SVC(), GRID, cv=3, n_jobs=-1).fit(X, y)
-    assert client_pid not in pids
-    worker_pids = {node.pid for node in embedded_cluster.nodes()}
-    assert set(pids).isdisjoint(worker_pids)  # pool children, not the main process
+    assert len(pids) == 6 and client_pid not in pids
+    processes = session_processes(session)
+    # The calls say where they ran, and so does the session: pool processes.
+    assert set(pids) <= {pid for node_pids in processes.values() for pid in node_pids}
+    assert_ran_in_pool_processes(processes, embedded_cluster)
     assert sum(session.fits_per_node.values()) == 6 + 4 + 18
     local = cross_validate(LogisticRegression(max_iter=500), X, y, cv=4)
     np.testing.assert_array_equal(scores["test_score"], local["test_score"])
@@ -96,8 +114,10 @@ def test_fits_run_with_capped_blas_threads(embedded_cluster):
 
 
 def test_refit_runs_in_the_client(embedded_cluster):
-    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
+    search = ClusterGridSearchCV(_RecordsPid(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
     assert search.refit_time_ > 0
+    assert search.best_estimator_.fit_pid_ == os.getpid(), "the refit ran elsewhere"
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
     np.testing.assert_array_equal(
         search.predict(X),
         GridSearchCV(SVC(), GRID, cv=3).fit(X, y).predict(X),
@@ -259,7 +279,7 @@ def test_default_cluster_from_environment(embedded_cluster, monkeypatch):
     monkeypatch.setenv("CLUSTERSEARCH_BROKER_URL", embedded_cluster.broker_url)
     monkeypatch.setenv("CLUSTERSEARCH_SECRET", embedded_cluster.secret)
     search = ClusterGridSearchCV(SVC(), GRID, cv=3).fit(X, y)
-    assert set(search.fits_per_node_) <= set(embedded_cluster.node_names)
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
 
 
 def test_local_cluster_reports_a_node_that_cannot_start():
@@ -366,7 +386,11 @@ def test_a_fit_lost_every_time_with_error_score_raise(embedded_cluster):
 
 
 class _Marks(SVC):
-    """A 2 s fit that leaves a file when it starts and when it ends."""
+    """A fit far longer than the test (C=2: one that fails at once).
+
+    A long fit leaves ``<pid>-<id>.start`` in ``marker_dir`` when it starts,
+    and ``<pid>-<id>.done`` if it ever ends.
+    """
 
     def __init__(self, C=1.0, marker_dir=None):
         super().__init__(C=C)
@@ -374,52 +398,80 @@ class _Marks(SVC):
 
     def fit(self, X, y, **kwargs):
         import uuid
-        from pathlib import Path
 
-        mark = Path(self.marker_dir, uuid.uuid4().hex)
-        mark.with_suffix(".start").touch()
         if self.C == 2:
             raise ValueError("C=2 fails at once")
-        time.sleep(2.0)
+        mark = Path(self.marker_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+        mark.with_suffix(".start").touch()
+        time.sleep(60.0)
         mark.with_suffix(".done").touch()
         return super().fit(X, y, **kwargs)
 
 
+def _alive(pid):
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _started_fit_processes(folder):
+    return {int(p.name.split("-")[0]) for p in folder.glob("*.start")}
+
+
+def _wait_until_gone(pids, seconds):
+    """The pids still running after up to ``seconds`` (a guard against hangs)."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {pid for pid in pids if _alive(pid)}
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "exception"])
 def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how):
+    # The long fits take 60 s: one still running, or its process alive,
+    # after the search ended was not stopped. The waits below are guards
+    # against hangs, far longer than stopping takes.
     import _thread
 
     # "exception": the first candidate's fits raise at once (error_score
-    # "raise"), while the nodes hold the next candidates' 2 s fits.
+    # "raise"), while the nodes may hold the next candidates' long fits.
     grid = {"C": [1, 3, 4, 5]} if how == "ctrl-c" else {"C": [2, 1, 3]}
     search = ClusterGridSearchCV(
         _Marks(marker_dir=str(tmp_path)), grid, cv=3, error_score="raise",
         cluster=embedded_cluster,
     )  # fmt: skip
-    timer = threading.Timer(1.0, _thread.interrupt_main)
+
+    def interrupt_once_a_fit_runs():
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob("*.start")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=interrupt_once_a_fit_runs, daemon=True)
     expected = KeyboardInterrupt if how == "ctrl-c" else ValueError
     if how == "ctrl-c":
-        timer.start()
-    try:
-        with pytest.raises(expected):
-            search.fit(X, y)
-    finally:
-        timer.cancel()
-    stopped = time.time()
-    started = {p.stem for p in tmp_path.glob("*.start")}
-    assert started, "no fit started"
-    # Longer than a fit: whatever still ran would have finished by now.
-    time.sleep(3.0)
-    done = {p.stem: p.stat().st_mtime for p in tmp_path.glob("*.done")}
-    assert all(t < stopped + 0.5 for t in done.values()), "a node kept computing a dead search"
-    late = [p for p in tmp_path.glob("*.start") if p.stat().st_mtime > stopped + 0.5]
-    assert not late, "a node started a fit of a dead search"
+        interrupter.start()
+    with pytest.raises(expected):
+        search.fit(X, y)
     if how == "ctrl-c":
-        # Fits were running at the interrupt (1 s into 2 s fits): stopped.
-        assert started - set(done), "no fit was stopped"
-    # The nodes are still there for the next search.
+        interrupter.join(timeout=60)
+        assert not interrupter.is_alive()
+        # Fits were running at the interrupt: they must be stopped.
+        assert _started_fit_processes(tmp_path), "no fit ran at the interrupt"
+    # Every long fit that started was stopped: its process killed (the
+    # node's pool replaces it), its end never reached.
+    running = _wait_until_gone(_started_fit_processes(tmp_path), 30)
+    assert not running, f"processes {running} kept computing a dead search"
+    # The nodes are still there for the next search; by its end, whatever
+    # the nodes held of the dead search has been dropped or stopped too.
     search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
-    assert sum(search.fits_per_node_.values()) == 18
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
+    started = _started_fit_processes(tmp_path)
+    assert not {pid for pid in started if _alive(pid)}, "a node ran a fit of a dead search"
+    assert not list(tmp_path.glob("*.done")), "a fit of a dead search ran to its end"
 
 
 def _pool_processes(cluster):
