@@ -38,6 +38,13 @@ def _reachable(host, port):
         return False
 
 
+def skip_broker_test(message):
+    """Skip a broker test for ``message``, or, in CI, fail it."""
+    if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
+        pytest.fail(message + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
+    pytest.skip(message)
+
+
 def require_servers(*urls):
     """Skip (or, in CI, fail) unless the servers behind ``urls`` answer."""
     for url in urls:
@@ -45,10 +52,7 @@ def require_servers(*urls):
             continue
         port = 5672 if url.startswith("amqp") else 6379
         if not _reachable("127.0.0.1", port):
-            message = f"no server for {url} on 127.0.0.1:{port}"
-            if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
-                pytest.fail(message + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
-            pytest.skip(message)
+            skip_broker_test(f"no server for {url} on 127.0.0.1:{port}")
 
 
 def _start(transport, n_workers=2):
@@ -68,7 +72,15 @@ def embedded_cluster():
 _clusters = {}
 
 
-@pytest.fixture(scope="session", params=list(TRANSPORTS), ids=list(TRANSPORTS))
+def transport_params(names):
+    """``names`` as fixture params, those on a broker marked ``broker``."""
+    return [
+        pytest.param(name, id=name, marks=[pytest.mark.broker] if TRANSPORTS[name][0] else [])
+        for name in names
+    ]
+
+
+@pytest.fixture(scope="session", params=transport_params(TRANSPORTS))
 def cluster(request, embedded_cluster):
     """A 2-node cluster on each transport (started once per session)."""
     if request.param == "embedded":

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TRANSPORTS, assert_same_results, require_servers
+from conftest import (
+    TRANSPORTS,
+    assert_ran_on_workers,
+    assert_same_results,
+    require_servers,
+    transport_params,
+)
 from sklearn.model_selection import GridSearchCV
 from sklearn.tree import DecisionTreeClassifier
 
@@ -55,7 +61,7 @@ class Touch:
         return "done"
 
 
-@pytest.fixture(scope="module", params=["embedded", "rabbitmq-rpc"])
+@pytest.fixture(scope="module", params=transport_params(["embedded", "rabbitmq-rpc"]))
 def guarded(request):
     """One node, one process (messages run in order), small payload limit."""
     broker, backend = TRANSPORTS[request.param]
