@@ -283,6 +283,85 @@ def test_default_cluster_from_environment(embedded_cluster, monkeypatch):
     assert_ran_on_workers(search, embedded_cluster, n_fits=18)
 
 
+def test_default_cluster_is_an_embedded_local_cluster_in_a_fresh_process(tmp_path):
+    # cluster=None without CLUSTERSEARCH_BROKER_URL: the search starts an
+    # embedded LocalCluster of its own (one node per core) on first use.
+    script = tmp_path / "default.py"
+    script.write_text(
+        "import json, os\n"
+        "from pathlib import Path\n"
+        "from sklearn.datasets import load_iris\n"
+        "from sklearn.svm import SVC\n"
+        "from clustersearch import ClusterGridSearchCV\n"
+        "from clustersearch._cluster import resolve_cluster\n"
+        "X, y = load_iris(return_X_y=True)\n"
+        "s = ClusterGridSearchCV(SVC(), {'C': [0.1, 1, 10]}, cv=3).fit(X, y)\n"
+        "def parent(pid):\n"
+        "    return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1])\n"
+        "print(json.dumps({\n"
+        "    'client': os.getpid(),\n"
+        "    'fits': s.fits_per_node_,\n"
+        "    'parents': {n: [parent(p) for p in ps] for n, ps in s.fit_processes_.items()},\n"
+        "    'nodes': {n.name: n.pid for n in resolve_cluster(None).nodes()},\n"
+        "}))\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CLUSTERSEARCH_BROKER_URL", "CLUSTERSEARCH_RESULT_BACKEND",
+                        "CLUSTERSEARCH_SECRET", "CLUSTERSEARCH_SECRET_FILE")}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sum(seen["fits"].values()) == 9, seen
+    assert len(seen["nodes"]) == (os.cpu_count() or 1), seen
+    assert all(name.startswith("local") for name in seen["nodes"]), seen
+    assert set(seen["fits"]) <= set(seen["nodes"]) and seen["fits"], seen
+    for name, parents in seen["parents"].items():
+        # Each fit ran in a pool process of its node, not in the client.
+        assert parents and set(parents) == {seen["nodes"][name]}, seen
+    assert seen["client"] not in seen["nodes"].values()
+
+
+@pytest.mark.broker
+def test_a_broker_url_as_cluster(monkeypatch):
+    # cluster="redis://...": a handle on whatever nodes serve that broker.
+    # These were started with a random secret: the client takes it from the
+    # environment, as a user's would.
+    from clustersearch._cluster import resolve_cluster
+
+    url = REDIS + "/9"
+    require_servers(url)
+    with LocalCluster(n_workers=2, broker_url=url, allow_root=True) as nodes:
+        monkeypatch.setenv("CLUSTERSEARCH_SECRET", nodes.secret)
+        monkeypatch.delenv("CLUSTERSEARCH_BROKER_URL", raising=False)
+        try:
+            search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=url).fit(X, y)
+            assert search.cluster == url
+            assert_ran_on_workers(search, nodes, n_fits=18)
+            assert_same_results(search, GridSearchCV(SVC(), GRID, cv=3).fit(X, y))
+        finally:
+            resolve_cluster(url).close()
+
+
+@pytest.mark.parametrize("kwargs", [{"prefer": "threads"}, {"require": "sharedmem"}])
+def test_thread_parallel_stays_local_inside_the_joblib_block(embedded_cluster, kwargs):
+    # Calls that ask for threads or shared memory hold work on shared
+    # objects: they run in the client, in threads; the others go to the nodes.
+    with embedded_cluster.joblib() as session:
+        local = Parallel(n_jobs=2, **kwargs)(delayed(_pid)() for _ in range(4))
+        remote = Parallel(n_jobs=2)(delayed(_pid)() for _ in range(4))
+    assert local == [os.getpid()] * 4
+    assert len(remote) == 4 and os.getpid() not in remote
+    assert sum(session.fits_per_node.values()) == 4  # the remote calls only
+    processes = session_processes(session)
+    assert set(remote) <= {pid for node_pids in processes.values() for pid in node_pids}
+    assert_ran_in_pool_processes(processes, embedded_cluster)
+
+
 def test_local_cluster_reports_a_node_that_cannot_start():
     with pytest.raises(ClusterSearchError, match="(?s)exited with code 1.*--concurrency must be >= 1"):
         LocalCluster(n_workers=1, concurrency=0)

@@ -279,3 +279,38 @@ def test_cli_rejects_a_bad_cache_size(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--cache-size" in proc.stderr and "not a size" in proc.stderr
+
+
+def _blob_files(cluster, X):
+    """The cache files holding ``X`` (by its content hash) in ``cluster``'s cache."""
+    _, refs = dumps_with_blobs(X, BlobTable())
+    (digest, kind), = refs
+    return list(Path(cluster.cache_dir).glob(f"{digest}.{kind}"))
+
+
+def test_cache_size_bounds_the_nodes_cache_end_to_end():
+    # Each dataset takes more than half of the bound: the second search's
+    # data pushes the first's out, and a third search on the first data
+    # fetches it again, with scikit-learn's results.
+    first, second = _data(seed=201), _data(seed=202)
+    bound = 2_000_000
+    assert bound / 2 < first[0].nbytes < bound
+    grid = {"max_depth": [2, 4]}
+    tree = DecisionTreeClassifier(random_state=0)
+    expected = GridSearchCV(tree, grid, cv=3).fit(*first)
+    with LocalCluster(n_workers=1, cache_size=bound) as cluster:
+        search = ClusterGridSearchCV(tree, grid, cv=3, cluster=cluster).fit(*first)
+        assert_same_results(search, expected)
+        assert _blob_files(cluster, first[0]), "the first data never reached the cache"
+        ClusterGridSearchCV(tree, grid, cv=3, cluster=cluster).fit(*second)
+        assert _blob_files(cluster, second[0])
+        assert not _blob_files(cluster, first[0]), "the first data was not evicted"
+        sizes = [p.stat().st_size for p in Path(cluster.cache_dir).iterdir()]
+        assert sum(sizes) <= bound, sizes
+
+        again = ClusterGridSearchCV(tree, grid, cv=3, cluster=cluster).fit(*first)
+        assert_ran_on_workers(again, cluster, 6)
+        # Fetched again: X at least (the rest may have stayed).
+        assert sum(again.data_bytes_per_node_.values()) >= first[0].nbytes
+        assert _blob_files(cluster, first[0])
+        assert_same_results(again, expected)
