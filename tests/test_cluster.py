@@ -165,7 +165,7 @@ def test_search_inside_a_pipeline_step(embedded_cluster):
     pipe = make_pipeline(StandardScaler(), inner).fit(X, y)
     reference = make_pipeline(StandardScaler(), GridSearchCV(SVC(), GRID, cv=3)).fit(X, y)
     np.testing.assert_array_equal(pipe.predict(X), reference.predict(X))
-    assert sum(pipe[-1].fits_per_node_.values()) == 18
+    assert_ran_on_workers(pipe[-1], embedded_cluster, n_fits=18)
 
 
 # -- bad input: a clear error before anything is sent, never a hang ---------------
@@ -241,7 +241,7 @@ def test_lambda_scorer_travels_by_value(embedded_cluster):
     search = ClusterGridSearchCV(
         SVC(), GRID, cv=3, scoring=lambda est, X, y: est.score(X, y), cluster=embedded_cluster
     ).fit(X, y)
-    assert sum(search.fits_per_node_.values()) == 18
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
 
 
 def test_errors_are_picklable():
@@ -394,6 +394,7 @@ def test_search_survives_a_node_killed_mid_search():
             search.fit(X, y)
         finally:
             killer.cancel()
+            killer.join(timeout=10)
         assert victim.poll() is not None, "the node was not killed during the search"
     reference = GridSearchCV(SVC(), grid, cv=3).fit(X, y)
     np.testing.assert_array_equal(
@@ -605,7 +606,7 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
 
         search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster)
         assert _fits_within(search, 60), "the node took the search's work but ran none of it"
-        assert sum(search.fits_per_node_.values()) == 18
+        assert_ran_on_workers(search, cluster, n_fits=18)
 
 
 def test_scikit_learn_callbacks_report_back_from_nodes_on_this_machine():
@@ -789,4 +790,4 @@ def test_consecutive_searches_share_one_cluster(cluster):
     # half of the next search's results, and the second search hung.
     for _ in range(3):
         search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
-        assert sum(search.fits_per_node_.values()) == 18
+        assert_ran_on_workers(search, cluster, n_fits=18)

@@ -91,7 +91,7 @@ def test_a_task_message_does_not_grow_with_the_grid(monkeypatch):
             search = ClusterGridSearchCV(
                 DecisionTreeClassifier(random_state=0), grid, cv=3, cluster=cluster
             ).fit(X, y)
-            assert sum(search.fits_per_node_.values()) == 3 * n_candidates
+            assert_ran_on_workers(search, cluster, 3 * n_candidates)
     small, large = sizes
     assert small and large, sizes
     # The search itself travels in every task (scikit-learn's caller=self),
@@ -127,6 +127,8 @@ class Damaging(ClassifierMixin, BaseEstimator):
         cache = os.environ.get("CLUSTERSEARCH_CACHE_DIR")
         if cache and self.damage != "none":
             for path in Path(cache).glob("*.npy"):
+                if path.name.startswith("."):  # another process's temporary file
+                    continue
                 if self.damage == "wipe":
                     path.unlink(missing_ok=True)
                 elif self.damage == "corrupt":
@@ -139,7 +141,7 @@ class Damaging(ClassifierMixin, BaseEstimator):
                     except FileNotFoundError:
                         continue
                     data[-8:] = bytes(255 - b for b in data[-8:])
-                    tmp = path.with_name(".tmp-" + path.name)
+                    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
                     tmp.write_bytes(data)
                     os.replace(tmp, path)
         time.sleep(self.delay)

@@ -139,7 +139,7 @@ def _still_serving(cluster, pid_before):
     ).fit(X, y)
     assert_same_results(search, GridSearchCV(DecisionTreeClassifier(random_state=0), GRID,
                                              cv=3).fit(X, y))  # fmt: skip
-    assert sum(search.fits_per_node_.values()) == 9
+    assert_ran_on_workers(search, cluster, 9)
 
 
 def test_bad_inputs_are_refused_and_the_node_keeps_serving(guarded, tmp_path):
@@ -334,6 +334,17 @@ def test_a_class_defined_in_main_runs_on_the_nodes(embedded_cluster, tmp_path):
 # -- the worker's own checks ----------------------------------------------------
 
 
+def _kill_group(proc):
+    """Kill a node started in a session of its own, its pool processes with it."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def _worker(*args, env=None):
     return [sys.executable, "-m", "clustersearch", "worker", "--allow-root", *args]
 
@@ -352,6 +363,7 @@ def test_worker_warns_loudly_without_a_secret_on_a_remote_broker(monkeypatch):
     proc = subprocess.Popen(
         _worker("--broker", "amqp://remote:pw@192.0.2.1:5672//"),
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        start_new_session=True,
     )  # fmt: skip
     try:
         seen = ""
@@ -363,8 +375,7 @@ def test_worker_warns_loudly_without_a_secret_on_a_remote_broker(monkeypatch):
             seen += line
         assert "NO SECRET" in seen and "can run code on this node" in seen, seen
     finally:
-        proc.kill()
-        proc.wait()
+        _kill_group(proc)
 
 
 def test_worker_rejects_a_short_secret_file(tmp_path):
@@ -387,7 +398,7 @@ def test_a_node_started_with_a_secret_file_serves_a_client_with_that_secret(tmp_
     node = subprocess.Popen(
         _worker("--broker", broker, "--name", "filenode", "--concurrency", "1",
                 "--secret-file", str(secret), "--cache-dir", str(tmp_path / "cache")),
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
         cluster = Cluster(broker, secret="s3cret-shared-by-the-whole-shelf")
@@ -398,10 +409,10 @@ def test_a_node_started_with_a_secret_file_serves_a_client_with_that_secret(tmp_
             DecisionTreeClassifier(random_state=0), GRID, cv=3, cluster=cluster
         ).fit(X, y)
         assert search.fits_per_node_ == {"filenode": 9}
+        assert_ran_on_workers(search, cluster, 9)
         cluster.close()
     finally:
-        node.kill()
-        node.wait()
+        _kill_group(node)
         log.close()
     assert "NO SECRET" not in Path(tmp_path / "node.log").read_text()
 
