@@ -131,7 +131,8 @@ def assert_ran_in_pool_processes(processes, cluster):
     """
     assert processes, "no process that ran a fit was recorded"
     client = os.getpid()
-    main = {node.name: node.pid for node in cluster.nodes()}
+    # A node busy under load may answer late: wait longer than discovery does.
+    main = {node.name: node.pid for node in cluster.nodes(timeout=5)}
     if hasattr(cluster, "processes"):
         # The nodes' own answer agrees with the processes LocalCluster started.
         assert main == {name: p.pid for name, p in cluster.processes.items()}, main

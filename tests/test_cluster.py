@@ -551,7 +551,8 @@ def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how
     # Every long fit that started was stopped: its process killed (the
     # node's pool replaces it), its end never reached.
     running = _wait_until_gone(_started_fit_processes(tmp_path), 30)
-    assert not running, f"processes {running} kept computing a dead search"
+    logs = "\n".join(embedded_cluster.log(name)[-1500:] for name in embedded_cluster.node_names)
+    assert not running, f"processes {running} kept computing a dead search; logs:\n{logs}"
     # The nodes are still there for the next search; by its end, whatever
     # the nodes held of the dead search has been dropped or stopped too.
     search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
