@@ -62,6 +62,9 @@ __all__ = [
 _CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
 
 _TRAFFIC_DOC = """\
+    fit_processes_ : dict of str -> list of int
+        The process ids, on each node, of the worker processes that ran this
+        search's fits (a node's pool processes).
     data_bytes_per_node_ : dict of str -> int
         Bytes of data (X, y, fit params, split indices) sent to each node by
         this search; 0 where the node's cache already held them.
@@ -90,6 +93,7 @@ class _ClusterSearchMixin(_SearchBase):
         verbose: int
         n_splits_: int
         fits_per_node_: dict[str, int]
+        fit_processes_: dict[str, list[int]]
         data_bytes_per_node_: dict[str, int]
         message_bytes_per_node_: dict[str, int]
 
@@ -126,6 +130,9 @@ class _ClusterSearchMixin(_SearchBase):
             with parallel_config(backend=ClusterBackend(session, first_only=True)):
                 super().fit(X, y, **params)
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
+        self.fit_processes_ = {
+            n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_
+        }
         nodes = sorted(set(session.tasks_per_node) | set(session.data_bytes_per_node))
         self.data_bytes_per_node_ = {n: session.data_bytes_per_node[n] for n in nodes}
         self.message_bytes_per_node_ = {n: session.task_bytes_per_node[n] for n in nodes}

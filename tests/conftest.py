@@ -6,6 +6,7 @@ with the reason, except where ``CLUSTERSEARCH_REQUIRE_BROKERS=1`` (CI sets
 it): then a missing server fails the run instead of hiding behind a skip.
 """
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -37,6 +38,13 @@ def _reachable(host, port):
         return False
 
 
+def skip_broker_test(message):
+    """Skip a broker test for ``message``, or, in CI, fail it."""
+    if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
+        pytest.fail(message + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
+    pytest.skip(message)
+
+
 def require_servers(*urls):
     """Skip (or, in CI, fail) unless the servers behind ``urls`` answer."""
     for url in urls:
@@ -44,10 +52,7 @@ def require_servers(*urls):
             continue
         port = 5672 if url.startswith("amqp") else 6379
         if not _reachable("127.0.0.1", port):
-            message = f"no server for {url} on 127.0.0.1:{port}"
-            if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
-                pytest.fail(message + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
-            pytest.skip(message)
+            skip_broker_test(f"no server for {url} on 127.0.0.1:{port}")
 
 
 def _start(transport, n_workers=2):
@@ -67,7 +72,15 @@ def embedded_cluster():
 _clusters = {}
 
 
-@pytest.fixture(scope="session", params=list(TRANSPORTS), ids=list(TRANSPORTS))
+def transport_params(names):
+    """``names`` as fixture params, those on a broker marked ``broker``."""
+    return [
+        pytest.param(name, id=name, marks=[pytest.mark.broker] if TRANSPORTS[name][0] else [])
+        for name in names
+    ]
+
+
+@pytest.fixture(scope="session", params=transport_params(TRANSPORTS))
 def cluster(request, embedded_cluster):
     """A 2-node cluster on each transport (started once per session)."""
     if request.param == "embedded":
@@ -99,13 +112,82 @@ def adult_dir():
     return ADULT_DIR
 
 
+def parent_pid(pid):
+    """The parent of live process ``pid`` (``/proc/<pid>/stat``); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command in parentheses, may hold spaces: count from its end.
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def assert_ran_in_pool_processes(processes, cluster):
+    """Each pid in ``processes`` (node name -> pids) is a live pool process of
+    that node of ``cluster``: a child of the node's main process, never the
+    client, never the node's main process itself.
+
+    Call it while the cluster lives (the pids are looked up in ``/proc``).
+    """
+    assert processes, "no process that ran a fit was recorded"
+    client = os.getpid()
+    # A node busy under load may answer late: wait longer than discovery does.
+    main = {node.name: node.pid for node in cluster.nodes(timeout=5)}
+    if hasattr(cluster, "processes"):
+        # The nodes' own answer agrees with the processes LocalCluster started.
+        assert main == {name: p.pid for name, p in cluster.processes.items()}, main
+    for name, pids in processes.items():
+        assert name in main, f"fits ran on {name!r}, not a node of {cluster!r}: {sorted(main)}"
+        assert pids, f"no process recorded for node {name!r}"
+        for pid in pids:
+            assert pid != client, f"a fit ran in the client (pid {pid})"
+            assert pid != main[name], f"a fit ran in node {name!r}'s main process"
+            parent = parent_pid(pid)
+            assert parent == main[name], (
+                f"pid {pid} of node {name!r} is not one of its pool processes: its "
+                f"parent is {parent}, the node's main process {main[name]}"
+            )
+
+
 def assert_ran_on_workers(search, cluster, n_fits):
-    """Every fit ran on a node of ``cluster``, none in the client, none twice."""
-    names = set(cluster.node_names) if hasattr(cluster, "node_names") else None
-    assert sum(search.fits_per_node_.values()) == n_fits, search.fits_per_node_
-    if names is not None:
-        assert set(search.fits_per_node_) <= names
-    assert os.getpid() not in {node.pid for node in cluster.nodes()}
+    """Every fit ran in a pool process of a node of ``cluster``, none in the
+    client, none counted twice."""
+    assert n_fits > 0
+    per_node = search.fits_per_node_
+    assert sum(per_node.values()) == n_fits, per_node
+    assert all(count > 0 for count in per_node.values()), per_node
+    assert set(search.fit_processes_) == set(per_node), search.fit_processes_
+    assert_ran_in_pool_processes(search.fit_processes_, cluster)
+
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """The dispatch sessions the searches of a test open, in order.
+
+    For searches that end with an error, and so set no fitted attribute:
+    ``session_processes(session)`` says where their fits ran.
+    """
+    from clustersearch import Cluster
+
+    opened = []
+    original = Cluster.session
+
+    @contextlib.contextmanager
+    def recording(self, **kwargs):
+        with original(self, **kwargs) as session:
+            opened.append(session)
+            yield session
+
+    monkeypatch.setattr(Cluster, "session", recording)
+    return opened
+
+
+def session_processes(session):
+    """Node name -> sorted pids of the processes that ran a session's fits."""
+    processes = {}
+    for node, pid in sorted(session.pids):
+        processes.setdefault(node, []).append(pid)
+    return processes
 
 
 TIME_KEYS = ("mean_fit_time", "std_fit_time", "mean_score_time", "std_score_time")

@@ -6,10 +6,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REDIS, assert_ran_on_workers, assert_same_results, require_servers
+from conftest import (
+    REDIS,
+    assert_ran_in_pool_processes,
+    assert_ran_on_workers,
+    assert_same_results,
+    require_servers,
+    session_processes,
+)
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.datasets import load_iris, make_classification
@@ -32,8 +40,16 @@ X, y = load_iris(return_X_y=True)
 GRID = {"C": [0.1, 1, 10], "kernel": ["linear", "rbf"]}
 
 
-def _pid_and_node():
+def _pid():
     return os.getpid()
+
+
+class _RecordsPid(SVC):
+    """An SVC that records which process fitted it."""
+
+    def fit(self, X, y, **kwargs):
+        self.fit_pid_ = os.getpid()
+        return super().fit(X, y, **kwargs)
 
 
 # -- where the work runs --------------------------------------------------------
@@ -49,12 +65,14 @@ def test_fits_run_in_worker_processes_not_in_client(cluster):
 def test_joblib_backend_runs_plain_joblib_and_sklearn_code(embedded_cluster):
     client_pid = os.getpid()
     with embedded_cluster.joblib() as session:
-        pids = Parallel(n_jobs=2)(delayed(_pid_and_node)() for _ in range(6))
+        pids = Parallel(n_jobs=2)(delayed(_pid)() for _ in range(6))
         scores = cross_validate(LogisticRegression(max_iter=500), X, y, cv=4)
         plain = GridSearchCV(SVC(), GRID, cv=3, n_jobs=-1).fit(X, y)
-    assert client_pid not in pids
-    worker_pids = {node.pid for node in embedded_cluster.nodes()}
-    assert set(pids).isdisjoint(worker_pids)  # pool children, not the main process
+    assert len(pids) == 6 and client_pid not in pids
+    processes = session_processes(session)
+    # The calls say where they ran, and so does the session: pool processes.
+    assert set(pids) <= {pid for node_pids in processes.values() for pid in node_pids}
+    assert_ran_in_pool_processes(processes, embedded_cluster)
     assert sum(session.fits_per_node.values()) == 6 + 4 + 18
     local = cross_validate(LogisticRegression(max_iter=500), X, y, cv=4)
     np.testing.assert_array_equal(scores["test_score"], local["test_score"])
@@ -96,8 +114,10 @@ def test_fits_run_with_capped_blas_threads(embedded_cluster):
 
 
 def test_refit_runs_in_the_client(embedded_cluster):
-    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
+    search = ClusterGridSearchCV(_RecordsPid(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
     assert search.refit_time_ > 0
+    assert search.best_estimator_.fit_pid_ == os.getpid(), "the refit ran elsewhere"
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
     np.testing.assert_array_equal(
         search.predict(X),
         GridSearchCV(SVC(), GRID, cv=3).fit(X, y).predict(X),
@@ -145,7 +165,7 @@ def test_search_inside_a_pipeline_step(embedded_cluster):
     pipe = make_pipeline(StandardScaler(), inner).fit(X, y)
     reference = make_pipeline(StandardScaler(), GridSearchCV(SVC(), GRID, cv=3)).fit(X, y)
     np.testing.assert_array_equal(pipe.predict(X), reference.predict(X))
-    assert sum(pipe[-1].fits_per_node_.values()) == 18
+    assert_ran_on_workers(pipe[-1], embedded_cluster, n_fits=18)
 
 
 # -- bad input: a clear error before anything is sent, never a hang ---------------
@@ -169,19 +189,20 @@ def test_broker_unreachable_names_url_without_password():
     start = time.monotonic()
     with pytest.raises(BrokerUnreachableError) as info:
         ClusterGridSearchCV(SVC(), GRID, cluster=cluster).fit(X, y)
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 30  # a guard against hangs
     message = str(info.value)
     assert "127.0.0.1:1" in message and "hunter2" not in message
     assert isinstance(info.value, ConnectionError)
 
 
+@pytest.mark.broker
 def test_no_live_node_on_a_broker_is_a_clear_error():
     require_servers(REDIS)
     cluster = Cluster(REDIS + "/5", discovery_timeout=0.5)
     start = time.monotonic()
     with pytest.raises(NoWorkersError, match="clustersearch worker --broker"):
         ClusterGridSearchCV(SVC(), GRID, cluster=cluster).fit(X, y)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 30  # a guard against hangs
 
 
 def test_no_live_node_on_the_embedded_transport(tmp_path):
@@ -220,7 +241,7 @@ def test_lambda_scorer_travels_by_value(embedded_cluster):
     search = ClusterGridSearchCV(
         SVC(), GRID, cv=3, scoring=lambda est, X, y: est.score(X, y), cluster=embedded_cluster
     ).fit(X, y)
-    assert sum(search.fits_per_node_.values()) == 18
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
 
 
 def test_errors_are_picklable():
@@ -259,7 +280,86 @@ def test_default_cluster_from_environment(embedded_cluster, monkeypatch):
     monkeypatch.setenv("CLUSTERSEARCH_BROKER_URL", embedded_cluster.broker_url)
     monkeypatch.setenv("CLUSTERSEARCH_SECRET", embedded_cluster.secret)
     search = ClusterGridSearchCV(SVC(), GRID, cv=3).fit(X, y)
-    assert set(search.fits_per_node_) <= set(embedded_cluster.node_names)
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
+
+
+def test_default_cluster_is_an_embedded_local_cluster_in_a_fresh_process(tmp_path):
+    # cluster=None without CLUSTERSEARCH_BROKER_URL: the search starts an
+    # embedded LocalCluster of its own (one node per core) on first use.
+    script = tmp_path / "default.py"
+    script.write_text(
+        "import json, os\n"
+        "from pathlib import Path\n"
+        "from sklearn.datasets import load_iris\n"
+        "from sklearn.svm import SVC\n"
+        "from clustersearch import ClusterGridSearchCV\n"
+        "from clustersearch.client.cluster import resolve_cluster\n"
+        "X, y = load_iris(return_X_y=True)\n"
+        "s = ClusterGridSearchCV(SVC(), {'C': [0.1, 1, 10]}, cv=3).fit(X, y)\n"
+        "def parent(pid):\n"
+        "    return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1])\n"
+        "print(json.dumps({\n"
+        "    'client': os.getpid(),\n"
+        "    'fits': s.fits_per_node_,\n"
+        "    'parents': {n: [parent(p) for p in ps] for n, ps in s.fit_processes_.items()},\n"
+        "    'nodes': {n.name: n.pid for n in resolve_cluster(None).nodes()},\n"
+        "}))\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CLUSTERSEARCH_BROKER_URL", "CLUSTERSEARCH_RESULT_BACKEND",
+                        "CLUSTERSEARCH_SECRET", "CLUSTERSEARCH_SECRET_FILE")}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sum(seen["fits"].values()) == 9, seen
+    assert len(seen["nodes"]) == (os.cpu_count() or 1), seen
+    assert all(name.startswith("local") for name in seen["nodes"]), seen
+    assert set(seen["fits"]) <= set(seen["nodes"]) and seen["fits"], seen
+    for name, parents in seen["parents"].items():
+        # Each fit ran in a pool process of its node, not in the client.
+        assert parents and set(parents) == {seen["nodes"][name]}, seen
+    assert seen["client"] not in seen["nodes"].values()
+
+
+@pytest.mark.broker
+def test_a_broker_url_as_cluster(monkeypatch):
+    # cluster="redis://...": a handle on whatever nodes serve that broker.
+    # These were started with a random secret: the client takes it from the
+    # environment, as a user's would.
+    from clustersearch.client.cluster import resolve_cluster
+
+    url = REDIS + "/9"
+    require_servers(url)
+    with LocalCluster(n_workers=2, broker_url=url, allow_root=True) as nodes:
+        monkeypatch.setenv("CLUSTERSEARCH_SECRET", nodes.secret)
+        monkeypatch.delenv("CLUSTERSEARCH_BROKER_URL", raising=False)
+        try:
+            search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=url).fit(X, y)
+            assert search.cluster == url
+            assert_ran_on_workers(search, nodes, n_fits=18)
+            assert_same_results(search, GridSearchCV(SVC(), GRID, cv=3).fit(X, y))
+        finally:
+            resolve_cluster(url).close()
+
+
+@pytest.mark.parametrize("kwargs", [{"prefer": "threads"}, {"require": "sharedmem"}])
+def test_thread_parallel_stays_local_inside_the_joblib_block(embedded_cluster, kwargs):
+    # Calls that ask for threads or shared memory hold work on shared
+    # objects: they run in the client, in threads; the others go to the nodes.
+    with embedded_cluster.joblib() as session:
+        local = Parallel(n_jobs=2, **kwargs)(delayed(_pid)() for _ in range(4))
+        remote = Parallel(n_jobs=2)(delayed(_pid)() for _ in range(4))
+    assert local == [os.getpid()] * 4
+    assert len(remote) == 4 and os.getpid() not in remote
+    assert sum(session.fits_per_node.values()) == 4  # the remote calls only
+    processes = session_processes(session)
+    assert set(remote) <= {pid for node_pids in processes.values() for pid in node_pids}
+    assert_ran_in_pool_processes(processes, embedded_cluster)
 
 
 def test_local_cluster_reports_a_node_that_cannot_start():
@@ -294,6 +394,7 @@ def test_search_survives_a_node_killed_mid_search():
             search.fit(X, y)
         finally:
             killer.cancel()
+            killer.join(timeout=10)
         assert victim.poll() is not None, "the node was not killed during the search"
     reference = GridSearchCV(SVC(), grid, cv=3).fit(X, y)
     np.testing.assert_array_equal(
@@ -312,13 +413,19 @@ def test_every_node_gone_is_an_error_not_a_hang():
     ) as cluster:
         search = ClusterGridSearchCV(_SlowSVC(), GRID, cv=3, cluster=cluster)
         (victim,) = cluster.processes.values()
-        threading.Timer(1.0, os.killpg, (victim.pid, signal.SIGKILL)).start()
+        killer = threading.Timer(1.0, os.killpg, (victim.pid, signal.SIGKILL))
+        killer.start()
         start = time.monotonic()
-        with pytest.raises(NoWorkersError, match="stopped answering.*no_node_timeout=2.0"):
-            search.fit(X, y)
+        try:
+            with pytest.raises(NoWorkersError, match="stopped answering.*no_node_timeout=2.0"):
+                search.fit(X, y)
+        finally:
+            killer.cancel()
+            killer.join(timeout=10)
+        assert victim.poll() is not None, "the node was not killed during the search"
         # The kill at 1 s, detection (2 to 3 heartbeats, up to 0.5 s of reply
-        # wait each), then no_node_timeout: about 5 s.
-        assert time.monotonic() - start < 10
+        # wait each), then no_node_timeout: about 5 s. A guard against hangs:
+        assert time.monotonic() - start < 30
 
 
 class _DiesOnC100(SVC):
@@ -366,7 +473,11 @@ def test_a_fit_lost_every_time_with_error_score_raise(embedded_cluster):
 
 
 class _Marks(SVC):
-    """A 2 s fit that leaves a file when it starts and when it ends."""
+    """A fit far longer than the test (C=2: one that fails at once).
+
+    A long fit leaves ``<pid>-<id>.start`` in ``marker_dir`` when it starts,
+    and ``<pid>-<id>.done`` if it ever ends.
+    """
 
     def __init__(self, C=1.0, marker_dir=None):
         super().__init__(C=C)
@@ -374,52 +485,81 @@ class _Marks(SVC):
 
     def fit(self, X, y, **kwargs):
         import uuid
-        from pathlib import Path
 
-        mark = Path(self.marker_dir, uuid.uuid4().hex)
-        mark.with_suffix(".start").touch()
         if self.C == 2:
             raise ValueError("C=2 fails at once")
-        time.sleep(2.0)
+        mark = Path(self.marker_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
+        mark.with_suffix(".start").touch()
+        time.sleep(60.0)
         mark.with_suffix(".done").touch()
         return super().fit(X, y, **kwargs)
 
 
+def _alive(pid):
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _started_fit_processes(folder):
+    return {int(p.name.split("-")[0]) for p in folder.glob("*.start")}
+
+
+def _wait_until_gone(pids, seconds):
+    """The pids still running after up to ``seconds`` (a guard against hangs)."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {pid for pid in pids if _alive(pid)}
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "exception"])
 def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how):
+    # The long fits take 60 s: one still running, or its process alive,
+    # after the search ended was not stopped. The waits below are guards
+    # against hangs, far longer than stopping takes.
     import _thread
 
     # "exception": the first candidate's fits raise at once (error_score
-    # "raise"), while the nodes hold the next candidates' 2 s fits.
+    # "raise"), while the nodes may hold the next candidates' long fits.
     grid = {"C": [1, 3, 4, 5]} if how == "ctrl-c" else {"C": [2, 1, 3]}
     search = ClusterGridSearchCV(
         _Marks(marker_dir=str(tmp_path)), grid, cv=3, error_score="raise",
         cluster=embedded_cluster,
     )  # fmt: skip
-    timer = threading.Timer(1.0, _thread.interrupt_main)
+
+    def interrupt_once_a_fit_runs():
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob("*.start")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=interrupt_once_a_fit_runs, daemon=True)
     expected = KeyboardInterrupt if how == "ctrl-c" else ValueError
     if how == "ctrl-c":
-        timer.start()
-    try:
-        with pytest.raises(expected):
-            search.fit(X, y)
-    finally:
-        timer.cancel()
-    stopped = time.time()
-    started = {p.stem for p in tmp_path.glob("*.start")}
-    assert started, "no fit started"
-    # Longer than a fit: whatever still ran would have finished by now.
-    time.sleep(3.0)
-    done = {p.stem: p.stat().st_mtime for p in tmp_path.glob("*.done")}
-    assert all(t < stopped + 0.5 for t in done.values()), "a node kept computing a dead search"
-    late = [p for p in tmp_path.glob("*.start") if p.stat().st_mtime > stopped + 0.5]
-    assert not late, "a node started a fit of a dead search"
+        interrupter.start()
+    with pytest.raises(expected):
+        search.fit(X, y)
     if how == "ctrl-c":
-        # Fits were running at the interrupt (1 s into 2 s fits): stopped.
-        assert started - set(done), "no fit was stopped"
-    # The nodes are still there for the next search.
+        interrupter.join(timeout=60)
+        assert not interrupter.is_alive()
+        # Fits were running at the interrupt: they must be stopped.
+        assert _started_fit_processes(tmp_path), "no fit ran at the interrupt"
+    # Every long fit that started was stopped: its process killed (the
+    # node's pool replaces it), its end never reached.
+    running = _wait_until_gone(_started_fit_processes(tmp_path), 30)
+    logs = "\n".join(embedded_cluster.log(name)[-1500:] for name in embedded_cluster.node_names)
+    assert not running, f"processes {running} kept computing a dead search; logs:\n{logs}"
+    # The nodes are still there for the next search; by its end, whatever
+    # the nodes held of the dead search has been dropped or stopped too.
     search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
-    assert sum(search.fits_per_node_.values()) == 18
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
+    started = _started_fit_processes(tmp_path)
+    assert not {pid for pid in started if _alive(pid)}, "a node ran a fit of a dead search"
+    assert not list(tmp_path.glob("*.done")), "a fit of a dead search ran to its end"
 
 
 def _pool_processes(cluster):
@@ -437,7 +577,9 @@ def _fits_within(search, seconds):
     return bool(done)
 
 
-@pytest.mark.parametrize("transport", ["embedded", "redis"])
+@pytest.mark.parametrize(
+    "transport", ["embedded", pytest.param("redis", marks=pytest.mark.broker)]
+)
 def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
     # A revoke reaches a pool process at any moment, also after its fit has
     # finished: while it reports the result or waits for its next task. On
@@ -465,7 +607,7 @@ def test_a_stop_signal_outside_a_fit_leaves_the_node_working(transport):
 
         search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster)
         assert _fits_within(search, 60), "the node took the search's work but ran none of it"
-        assert sum(search.fits_per_node_.values()) == 18
+        assert_ran_on_workers(search, cluster, n_fits=18)
 
 
 def test_scikit_learn_callbacks_report_back_from_nodes_on_this_machine():
@@ -581,35 +723,66 @@ def _unacknowledged(transport, cluster):
     )  # fmt: skip
 
 
+class _StartsThenSleeps(SVC):
+    """A fit that leaves a file in ``marker_dir`` as it starts, then takes 5 s."""
+
+    def __init__(self, C=1.0, marker_dir=None):
+        super().__init__(C=C)
+        self.marker_dir = marker_dir
+
+    def fit(self, X, y, **kwargs):
+        import uuid
+
+        Path(self.marker_dir, f"{uuid.uuid4().hex}.start").touch()
+        time.sleep(5.0)
+        return super().fit(X, y, **kwargs)
+
+
 @pytest.mark.broker
 @pytest.mark.slow
+@pytest.mark.parametrize("queued_per_node", [0, 1])
 @pytest.mark.parametrize("transport", ["rabbitmq", "redis"])
-def test_a_running_fit_holds_no_unacknowledged_message(transport):
+def test_a_running_fit_holds_no_unacknowledged_message(transport, queued_per_node, tmp_path):
     # A fit is acknowledged when it starts: RabbitMQ's consumer_timeout and
     # Redis's visibility_timeout only apply to unacknowledged messages, so
     # neither can redeliver a fit however long it runs. queued_per_node=0:
-    # nothing waits at the node either (README, long fits).
-    from conftest import RABBITMQ
+    # nothing waits at the node either (README, long fits). The control,
+    # queued_per_node=1 (the default): the node holds the next fit's
+    # message, unacknowledged, while the first runs; the count sees it.
+    from conftest import RABBITMQ, skip_broker_test
 
     if transport == "rabbitmq":
         require_servers(RABBITMQ)
         if os.geteuid() != 0:
-            pytest.skip("rabbitmqctl needs root")
+            skip_broker_test("rabbitmqctl needs root")
         broker, backend = RABBITMQ, REDIS + "/1"
     else:
         require_servers(REDIS)
         broker = backend = REDIS + "/6"
     with LocalCluster(
-        n_workers=1, broker_url=broker, backend=backend, allow_root=True, queued_per_node=0
-    ) as cluster:
-        search = ClusterGridSearchCV(_Sleeps(), {"C": [1]}, cv=2, cluster=cluster)
-        thread = threading.Thread(target=search.fit, args=(X, y))
+        n_workers=1, broker_url=broker, backend=backend, allow_root=True,
+        queued_per_node=queued_per_node,
+    ) as cluster:  # fmt: skip
+        search = ClusterGridSearchCV(
+            _StartsThenSleeps(marker_dir=str(tmp_path)), {"C": [1]}, cv=2, cluster=cluster
+        )
+        thread = threading.Thread(target=search.fit, args=(X, y), daemon=True)
         thread.start()
         try:
-            time.sleep(1.5)  # the first fit runs
-            assert _unacknowledged(transport, cluster) == 0
+            # Wait (a guard against hangs) for the first fit to run.
+            deadline = time.monotonic() + 60
+            while not any(tmp_path.glob("*.start")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(list(tmp_path.glob("*.start"))) == 1, "the first fit did not start"
+            counts = [_unacknowledged(transport, cluster)]
+            # While it runs (5 s), the held message, if any, shows up.
+            while counts[-1] < queued_per_node and len(list(tmp_path.glob("*.start"))) == 1:
+                time.sleep(0.1)
+                counts.append(_unacknowledged(transport, cluster))
+            assert max(counts) == queued_per_node, counts
         finally:
-            thread.join()
+            thread.join(timeout=60)
+        assert not thread.is_alive(), "the search did not end"
     assert sum(search.fits_per_node_.values()) == 2
 
 
@@ -618,4 +791,4 @@ def test_consecutive_searches_share_one_cluster(cluster):
     # half of the next search's results, and the second search hung.
     for _ in range(3):
         search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=cluster).fit(X, y)
-        assert sum(search.fits_per_node_.values()) == 18
+        assert_ran_on_workers(search, cluster, n_fits=18)

@@ -35,8 +35,9 @@ def _split_bytes(n, cv):
 
 
 def test_each_node_gets_the_data_once_and_a_second_search_sends_none(cluster):
-    # Data no other test uses: the nodes' caches start without it.
-    X, y = _data(seed=hash(cluster.broker_url) % 1000 + 11)
+    # Data no other test uses (each cluster has a cache of its own): the
+    # nodes' caches start without it. Fixed seeds: the same data every run.
+    X, y = _data(seed=11)
     dataset = X.nbytes + y.nbytes + _split_bytes(len(X), 3)
 
     first = ClusterGridSearchCV(
@@ -87,7 +88,7 @@ def test_a_task_message_does_not_grow_with_the_grid(monkeypatch):
             search = ClusterGridSearchCV(
                 DecisionTreeClassifier(random_state=0), grid, cv=3, cluster=cluster
             ).fit(X, y)
-            assert sum(search.fits_per_node_.values()) == 3 * n_candidates
+            assert_ran_on_workers(search, cluster, 3 * n_candidates)
     small, large = sizes
     assert small and large, sizes
     # The search itself travels in every task (scikit-learn's caller=self),
@@ -124,6 +125,8 @@ class Damaging(ClassifierMixin, BaseEstimator):
         cache = self.cache_dir
         if cache and self.damage != "none":
             for path in Path(cache).glob("*.npy"):
+                if path.name.startswith("."):  # another process's temporary file
+                    continue
                 if self.damage == "wipe":
                     path.unlink(missing_ok=True)
                 elif self.damage == "corrupt":
@@ -152,7 +155,7 @@ class Damaging(ClassifierMixin, BaseEstimator):
 
 @pytest.mark.parametrize("damage", ["wipe", "corrupt"])
 def test_a_damaged_cache_is_fetched_again_not_a_failed_fit(cluster, damage):
-    X, y = _data(seed=hash((cluster.broker_url, damage)) % 1000 + 101)
+    X, y = _data(seed={"wipe": 101, "corrupt": 102}[damage])
     dataset = X.nbytes + y.nbytes + _split_bytes(len(X), 3)
     grid = {"damage": ["none", "none", damage, "none", "none", "none", "none", "none"]}
     damaging = Damaging(cache_dir=cluster.cache_dir)
@@ -278,3 +281,38 @@ def test_cli_rejects_a_bad_cache_size(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--cache-size" in proc.stderr and "not a size" in proc.stderr
+
+
+def _blob_files(cluster, X):
+    """The cache files holding ``X`` (by its content hash) in ``cluster``'s cache."""
+    _, refs = dumps_with_blobs(X, BlobTable())
+    (digest, kind), = refs
+    return list(Path(cluster.cache_dir).glob(f"{digest}.{kind}"))
+
+
+def test_cache_size_bounds_the_nodes_cache_end_to_end():
+    # Each dataset takes more than half of the bound: the second search's
+    # data pushes the first's out, and a third search on the first data
+    # fetches it again, with scikit-learn's results.
+    first, second = _data(seed=201), _data(seed=202)
+    bound = 2_000_000
+    assert bound / 2 < first[0].nbytes < bound
+    grid = {"max_depth": [2, 4]}
+    tree = DecisionTreeClassifier(random_state=0)
+    expected = GridSearchCV(tree, grid, cv=3).fit(*first)
+    with LocalCluster(n_workers=1, cache_size=bound) as cluster:
+        search = ClusterGridSearchCV(tree, grid, cv=3, cluster=cluster).fit(*first)
+        assert_same_results(search, expected)
+        assert _blob_files(cluster, first[0]), "the first data never reached the cache"
+        ClusterGridSearchCV(tree, grid, cv=3, cluster=cluster).fit(*second)
+        assert _blob_files(cluster, second[0])
+        assert not _blob_files(cluster, first[0]), "the first data was not evicted"
+        sizes = [p.stat().st_size for p in Path(cluster.cache_dir).iterdir()]
+        assert sum(sizes) <= bound, sizes
+
+        again = ClusterGridSearchCV(tree, grid, cv=3, cluster=cluster).fit(*first)
+        assert_ran_on_workers(again, cluster, 6)
+        # Fetched again: X at least (the rest may have stayed).
+        assert sum(again.data_bytes_per_node_.values()) >= first[0].nbytes
+        assert _blob_files(cluster, first[0])
+        assert_same_results(again, expected)

@@ -19,7 +19,12 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import assert_ran_on_workers, assert_same_results
+from conftest import (
+    assert_ran_in_pool_processes,
+    assert_ran_on_workers,
+    assert_same_results,
+    session_processes,
+)
 from scipy.sparse import csr_matrix
 from scipy.stats import expon, loguniform, randint, uniform
 from sklearn import config_context
@@ -68,6 +73,7 @@ from clustersearch import (
     ClusterHalvingRandomSearchCV,
     ClusterRandomizedSearchCV,
 )
+from clustersearch.exceptions import RemoteTraceback
 
 OURS = {
     GridSearchCV: ClusterGridSearchCV,
@@ -112,6 +118,21 @@ def both(SearchCV, *args, cluster, fit_args=(), fit_params=None, **kwargs):
             )
     assert_ran_on_workers(ours, cluster, n_fits(theirs))
     return ours, theirs
+
+
+def assert_session_ran_on_workers(sessions, cluster, n_fits):
+    """A search that raised after its fits: they all ran on the nodes' pool processes."""
+    (session,) = sessions
+    assert sum(session.fits_per_node.values()) == n_fits, session.fits_per_node
+    assert_ran_in_pool_processes(session_processes(session), cluster)
+
+
+def assert_raised_on_a_node(error, cluster):
+    """``error`` came from a fit on a node of ``cluster``, not from the client."""
+    cause = error.__cause__
+    assert isinstance(cause, RemoteTraceback), f"not raised on a node: {cause!r}"
+    node = re.search(r"Raised on node '([^']+)'", str(cause))
+    assert node and node.group(1) in {n.name for n in cluster.nodes()}, str(cause)[:300]
 
 
 def assert_same_predictions(ours, theirs, X, methods):
@@ -527,7 +548,7 @@ def test_callable_scorer_with_failing_classifier(embedded_cluster):
 
 # Ports test_search.py::test_grid_search_failing_classifier_raise: with
 # error_score='raise' the fit's own exception reaches the caller.
-def test_error_score_raise(embedded_cluster):
+def test_error_score_raise(embedded_cluster, sessions):
     X, y = make_classification(n_samples=20, n_features=10, random_state=0)
     kwargs = dict(scoring="accuracy", refit=False, error_score="raise")
     grid = [{"parameter": [0, 1, 2]}]
@@ -543,6 +564,11 @@ def test_error_score_raise(embedded_cluster):
         ).fit(X, y)
     assert type(ours.value) is type(theirs.value)
     assert str(ours.value) == str(theirs.value)
+    assert_raised_on_a_node(ours.value, embedded_cluster)
+    # The fits that ended before the failure, if any, ran on the nodes too.
+    (session,) = sessions
+    if session.fits_per_node:
+        assert_ran_in_pool_processes(session_processes(session), embedded_cluster)
 
 
 # Ports test_search.py::test_grid_search_classifier_all_fits_fail and
@@ -550,7 +576,7 @@ def test_error_score_raise(embedded_cluster):
 @pytest.mark.parametrize(
     "scoring", [None, constant_acc_scorer], ids=["default", "callable"]
 )
-def test_all_fits_fail(embedded_cluster, scoring):
+def test_all_fits_fail(embedded_cluster, sessions, scoring):
     X, y = make_classification(n_samples=20, n_features=10, random_state=0)
     grid = [{"parameter": [FailingClassifier.FAILING_PARAMETER] * 3}]
     kwargs = dict(scoring=scoring, refit=False, error_score=0.0)
@@ -566,6 +592,7 @@ def test_all_fits_fail(embedded_cluster, scoring):
             FailingClassifier(), grid, cluster=embedded_cluster, **kwargs
         ).fit(X, y)
     assert str(ours.value) == as_sent(str(theirs.value))
+    assert_session_ran_on_workers(sessions, embedded_cluster, 15)
 
 
 # Ports test_search.py::test_searchcv_raise_warning_with_non_finite_score (with
@@ -587,7 +614,7 @@ def test_non_finite_score_warning(embedded_cluster, SearchCV, return_train_score
     our_warnings = fit_recording_warnings(ours, X, y)
     datasets = ["test", "train"] if return_train_score else ["test"]
     assert len(their_warnings) == len(datasets)
-    for (_, message), dataset in zip(their_warnings, datasets):
+    for (_, message), dataset in zip(their_warnings, datasets, strict=True):
         assert f"One or more of the {dataset} scores are non-finite" in message
     assert_same_warnings(our_warnings, their_warnings)
     assert_same_results(ours, theirs)
@@ -798,7 +825,7 @@ class BrokenKFold(KFold):
 
 # Ports test_search.py::test_random_search_bad_cv (n_jobs=4): splits that
 # disagree with get_n_splits raise scikit-learn's ValueError.
-def test_bad_cv(embedded_cluster):
+def test_bad_cv(embedded_cluster, sessions):
     X, y = X_CLF, Y_CLF
     kwargs = dict(cv=BrokenKFold(n_splits=3), n_jobs=4)
     match = "cv.split and cv.get_n_splits return inconsistent results. Expected \\d+ splits, got \\d+"
@@ -809,11 +836,14 @@ def test_bad_cv(embedded_cluster):
             Ridge(), {"alpha": [1e-3, 1e-2, 1e-1]}, cluster=embedded_cluster, **kwargs
         ).fit(X, y)
     assert str(ours.value) == str(theirs.value)
+    # scikit-learn compares the splits before any fit: nothing reached a node.
+    (session,) = sessions
+    assert not session.fits_per_node and not session.tasks_per_node
 
 
 # Ports test_search.py::test_empty_cv_iterator_error (n_jobs=4): an exhausted
 # cv iterator raises scikit-learn's ValueError.
-def test_empty_cv_iterator(embedded_cluster):
+def test_empty_cv_iterator(embedded_cluster, sessions):
     X, y = X_CLF, Y_CLF
     match = "No fits were performed. Was the CV iterator empty\\? Were there no candidates\\?"
     for SearchCV, extra in (
@@ -826,6 +856,9 @@ def test_empty_cv_iterator(embedded_cluster):
             SearchCV(
                 Ridge(), {"alpha": [1e-3, 1e-2, 1e-1]}, cv=cv, n_jobs=4, **extra
             ).fit(X, y)
+    # No split, so no fit: nothing reached a node.
+    (session,) = sessions
+    assert not session.fits_per_node and not session.tasks_per_node
 
 
 # Ports test_search.py::test_search_with_2d_array: text (a list of strings)
@@ -1083,12 +1116,13 @@ def test_verbose_3(embedded_cluster, capsys, return_train_score):
         pattern = r"score=[\d\.]+"
     GridSearchCV(LinearSVC(random_state=0), {"C": [0.1]}, **kwargs).fit(X, y)
     theirs = re.findall(pattern, capsys.readouterr().out)
-    ClusterGridSearchCV(
+    search = ClusterGridSearchCV(
         LinearSVC(random_state=0), {"C": [0.1]}, cluster=embedded_cluster, **kwargs
     ).fit(X, y)
     ours = re.findall(pattern, capsys.readouterr().out)
     assert len(theirs) == 3
     assert sorted(ours) == sorted(theirs)
+    assert_ran_on_workers(search, embedded_cluster, 3)
 
 
 # -- successive halving ------------------------------------------------------------
@@ -1136,7 +1170,7 @@ def test_halving_aggressive_elimination(
     if aggressive_elimination:
         assert ours.n_iterations_ == ours.n_required_iterations_ == 3
     for r_i, params_i in zip(
-        ours.cv_results_["n_resources"], ours.cv_results_["params"]
+        ours.cv_results_["n_resources"], ours.cv_results_["params"], strict=True
     ):
         assert r_i == params_i["n_estimators"]
 

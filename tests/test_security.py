@@ -8,6 +8,7 @@ correctly.
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TRANSPORTS, assert_same_results, require_servers
+from conftest import (
+    TRANSPORTS,
+    assert_ran_on_workers,
+    assert_same_results,
+    require_servers,
+    transport_params,
+)
 from sklearn.model_selection import GridSearchCV
 from sklearn.tree import DecisionTreeClassifier
 
@@ -55,7 +62,7 @@ class Touch:
         return "done"
 
 
-@pytest.fixture(scope="module", params=["embedded", "rabbitmq-rpc"])
+@pytest.fixture(scope="module", params=transport_params(["embedded", "rabbitmq-rpc"]))
 def guarded(request):
     """One node, one process (messages run in order), small payload limit."""
     broker, backend = TRANSPORTS[request.param]
@@ -105,6 +112,7 @@ def _publish_raw(cluster, body, content_type, encoding="utf-8"):
                      "ignore_result": False},
             declare=[], retry=True,
         )  # fmt: skip
+    return task_id
 
 
 def _signed(cluster, payload, *, task_id=None, signed_at=None):
@@ -131,7 +139,7 @@ def _still_serving(cluster, pid_before):
     ).fit(X, y)
     assert_same_results(search, GridSearchCV(DecisionTreeClassifier(random_state=0), GRID,
                                              cv=3).fit(X, y))  # fmt: skip
-    assert sum(search.fits_per_node_.values()) == 9
+    assert_ran_on_workers(search, cluster, 9)
 
 
 def test_bad_inputs_are_refused_and_the_node_keeps_serving(guarded, tmp_path):
@@ -142,10 +150,13 @@ def test_bad_inputs_are_refused_and_the_node_keeps_serving(guarded, tmp_path):
     legit = dumps(Touch(ran))
 
     # 1. garbage bytes, 2. a content type Celery does not accept, 3. a pickle
-    # in Celery's own pickle content type: refused before decoding.
-    _publish_raw(guarded, b"\x00\xffnot json at all", "application/json")
-    _publish_raw(guarded, b"!!python/object/apply:os.system ['touch x']", "application/x-yaml")
-    _publish_raw(guarded, evil, "application/x-python-serialize", "binary")
+    # in Celery's own pickle content type: refused before decoding. (Each
+    # body is unique, to find its own refusal in the log.)
+    garbage_id = _publish_raw(guarded, b"\x00\xffnot json at all", "application/json")
+    yaml = f"!!python/object/apply:os.system ['touch {marker}-yaml'] # {uuid.uuid4()}"
+    _publish_raw(guarded, yaml.encode(), "application/x-yaml")
+    raw_pickle = pickle.dumps(Evil(f"{marker}-raw-pickle"))
+    _publish_raw(guarded, raw_pickle, "application/x-python-serialize", "binary")
     # 4. a pickle that would run code, unsigned, 5. signed with another secret
     results = [_send(guarded, evil)]
     other = Signer(b"not-the-nodes-secret-at-all")
@@ -180,7 +191,7 @@ def test_bad_inputs_are_refused_and_the_node_keeps_serving(guarded, tmp_path):
         "outside the 3600 s window",
         "wrong signature",
     ]
-    for result, reason in zip(results, reasons):
+    for result, reason in zip(results, reasons, strict=True):
         _rejected(result, reason)
 
     # 12. a replay: the same signed message twice runs once.
@@ -196,13 +207,27 @@ def test_bad_inputs_are_refused_and_the_node_keeps_serving(guarded, tmp_path):
     _send(guarded, dumps(Touch(later)), task_id=later_id, auth=later_auth).get(timeout=30)
     assert later.read_text() == "ran\n"
 
-    assert not marker.exists(), "a refused message ran code"
+    assert not list(tmp_path.glob("pwned*")), "a refused message ran code"
     assert ran.read_text() == "ran\n"
-    log = guarded.log(node.name)
-    assert log.count("rejected task") >= len(reasons) + 1, log[-3000:]
-    assert f"rejected task {task_id}" in log and "already ran here" in log, log[-3000:]
-    assert "Refusing to deserialize" in log or "ContentDisallowed" in log, log[-3000:]
+    # Each attack was refused on its own: one refusal each in the node's log.
+    entries = _log_entries(guarded.log(node.name))
+
+    def refusals(*parts):
+        return [e for e in entries if all(part in e for part in parts)]
+
+    assert len(refusals("Can't decode message body", garbage_id)) == 1
+    assert len(refusals("Refusing to deserialize untrusted content of type yaml", yaml)) == 1
+    assert len(refusals("Refusing to deserialize untrusted content of type pickle",
+                        f"{marker}-raw-pickle")) == 1  # fmt: skip
+    for result in results:
+        assert len(refusals(f"rejected task {result.id}, nothing in it was run")) == 1, result.id
+    assert len(refusals(f"rejected task {task_id}", "already ran here")) == 1
     _still_serving(guarded, node.pid)
+
+
+def _log_entries(log):
+    """A node's log, one entry per record (its traceback included)."""
+    return re.split(r"\n(?=\[\d{4}-\d\d-\d\d )", log)
 
 
 def test_results_that_fail_verification_are_not_unpickled(guarded):
@@ -312,6 +337,17 @@ def test_a_class_defined_in_main_runs_on_the_nodes(embedded_cluster, tmp_path):
 # -- the worker's own checks ----------------------------------------------------
 
 
+def _kill_group(proc):
+    """Kill a node started in a session of its own, its pool processes with it."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def _worker(*args, env=None):
     return [sys.executable, "-m", "clustersearch", "worker", "--allow-root", *args]
 
@@ -330,6 +366,7 @@ def test_worker_warns_loudly_without_a_secret_on_a_remote_broker(monkeypatch):
     proc = subprocess.Popen(
         _worker("--broker", "amqp://remote:pw@192.0.2.1:5672//"),
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        start_new_session=True,
     )  # fmt: skip
     try:
         seen = ""
@@ -341,8 +378,7 @@ def test_worker_warns_loudly_without_a_secret_on_a_remote_broker(monkeypatch):
             seen += line
         assert "NO SECRET" in seen and "can run code on this node" in seen, seen
     finally:
-        proc.kill()
-        proc.wait()
+        _kill_group(proc)
 
 
 def test_worker_rejects_a_short_secret_file(tmp_path):
@@ -365,7 +401,7 @@ def test_a_node_started_with_a_secret_file_serves_a_client_with_that_secret(tmp_
     node = subprocess.Popen(
         _worker("--broker", broker, "--name", "filenode", "--concurrency", "1",
                 "--secret-file", str(secret), "--cache-dir", str(tmp_path / "cache")),
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
         cluster = Cluster(broker, secret="s3cret-shared-by-the-whole-shelf")
@@ -376,21 +412,74 @@ def test_a_node_started_with_a_secret_file_serves_a_client_with_that_secret(tmp_
             DecisionTreeClassifier(random_state=0), GRID, cv=3, cluster=cluster
         ).fit(X, y)
         assert search.fits_per_node_ == {"filenode": 9}
+        assert_ran_on_workers(search, cluster, 9)
         cluster.close()
     finally:
-        node.kill()
-        node.wait()
+        _kill_group(node)
         log.close()
     assert "NO SECRET" not in Path(tmp_path / "node.log").read_text()
 
 
-def test_tls_settings_pass_through():
-    from clustersearch.wire.config import app_config
+def test_tls_urls_reach_kombu_and_celery_unchanged():
+    # What the client and the nodes hand to kombu and Celery (both build
+    # their app with create_app): the URLs as given, and TLS transports.
+    import ssl
 
-    conf = app_config("amqps://u:p@broker:5671//", "rpc://")
-    assert conf["broker_url"].startswith("amqps://")
-    conf = app_config("rediss://broker:6380/0?ssl_cert_reqs=required")
-    assert conf["result_backend"].startswith("rediss://")
+    from redis import SSLConnection
+
+    from clustersearch.wire.config import create_app
+
+    url = "amqps://u:p@broker:5671//"
+    app = create_app(url, "rpc://")
+    assert app.conf.broker_url == url
+    with app.connection_for_write() as conn:
+        assert conn.transport_cls == "amqps" and conn.port == 5671
+        assert type(conn.transport).__name__ == "SSLTransport"
+    url = "rediss://broker:6380/0?ssl_cert_reqs=required"
+    app = create_app(url)
+    assert app.conf.broker_url == app.conf.result_backend == url
+    with app.connection_for_write() as conn:
+        assert conn.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert app.backend.connparams["connection_class"] is SSLConnection
+    assert app.backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("scheme", ["rediss", "amqps"])
+def test_a_search_over_tls(scheme, tmp_path, monkeypatch):
+    # RabbitMQ and Redis run here without TLS: a TLS-terminating proxy with a
+    # certificate of its own stands in front of one. The client and the
+    # nodes must speak TLS to it and verify its certificate.
+    from _tlsproxy import TLSProxy, self_signed_certificate
+    from conftest import RABBITMQ, REDIS
+
+    from clustersearch.exceptions import BrokerUnreachableError
+
+    require_servers(REDIS if scheme == "rediss" else RABBITMQ)
+    cert, key = self_signed_certificate(tmp_path)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with TLSProxy(6379 if scheme == "rediss" else 5672, cert, key) as proxy:
+        if scheme == "rediss":
+            untrusting = f"rediss://127.0.0.1:{proxy.port}/10?ssl_cert_reqs=required"
+            url, backend = f"{untrusting}&ssl_ca_certs={cert}", None
+        else:
+            untrusting = url = f"amqps://guest:guest@127.0.0.1:{proxy.port}//"
+            backend = "rpc://"
+        # Without the certificate's authority: refused, before any search.
+        with pytest.raises(BrokerUnreachableError, match="certificate verify failed"):
+            Cluster(untrusting, backend, connect_timeout=5).nodes()
+        assert proxy.handshakes == 0
+        if scheme == "amqps":
+            # amqps:// takes its authorities from the default paths (OpenSSL
+            # reads SSL_CERT_FILE), in the client and, inherited, the nodes.
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        with LocalCluster(n_workers=1, broker_url=url, backend=backend, allow_root=True) as nodes:
+            tree = DecisionTreeClassifier(random_state=0)
+            search = ClusterGridSearchCV(tree, GRID, cv=3, cluster=nodes).fit(X, y)
+            assert_ran_on_workers(search, nodes, 9)
+        assert_same_results(search, GridSearchCV(tree, GRID, cv=3).fit(X, y))
+        # The client and the node connected through TLS.
+        assert proxy.handshakes >= 2, proxy.handshakes
 
 
 def test_task_messages_stay_small_whatever_the_data_size():
@@ -401,3 +490,26 @@ def test_task_messages_stay_small_whatever_the_data_size():
     payload, refs = dumps_with_blobs((np.zeros((2500, 1000)), np.zeros(2500)), BlobTable())
     assert len(payload) < 1000 and len(refs) == 2
 
+
+
+def test_check_versions_false_lets_a_mismatched_node_work(tmp_path, monkeypatch):
+    # A real node that reports another joblib (its interpreter imports a
+    # sitecustomize that rewrites joblib.__version__): refused by default,
+    # served with Cluster(check_versions=False).
+    fake = tmp_path / "fake-joblib"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text("import joblib\njoblib.__version__ = '1.3.0'\n")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))
+    )
+    with LocalCluster(n_workers=1) as nodes:
+        (node,) = nodes.nodes()
+        assert node.versions["joblib"] == "1.3.0"
+        with Cluster(nodes.broker_url, secret=nodes.secret) as strict:
+            with pytest.raises(VersionMismatchError, match=r"has joblib 1\.3\.0.*check_versions=False"):
+                ClusterGridSearchCV(DecisionTreeClassifier(), GRID, cluster=strict).fit(X, y)
+        tree = DecisionTreeClassifier(random_state=0)
+        with Cluster(nodes.broker_url, secret=nodes.secret, check_versions=False) as lenient:
+            search = ClusterGridSearchCV(tree, GRID, cv=3, cluster=lenient).fit(X, y)
+            assert_ran_on_workers(search, lenient, 9)
+        assert_same_results(search, GridSearchCV(tree, GRID, cv=3).fit(X, y))
