@@ -137,7 +137,8 @@ class Session:
         "event": ..., "node": ..., ...}`` with events "lost" (and
         ``silent_s``, the time since the node last answered), "joined",
         "worker-lost", "gave-up", "straggler", "broker-down", "broker-up",
-        "results-lost", "refused" (a joining node that fails the pre-flight
+        "results-lost" (rpc:// results lost with the broker; ``resent``: the
+        batches sent again), "refused" (a joining node that fails the pre-flight
         checks).
     late_results : int
         Results that came after their work was done or sent elsewhere
@@ -744,7 +745,7 @@ class Session:
         self._missed.clear()
         if type(self.app.backend).__name__ == "RPCBackend":
             # rpc:// results published while the broker was away are lost.
-            self._resend_inflight()
+            self._event("results-lost", resent=self._resend_inflight())
 
     def _check_reply_connection(self, backend):
         """rpc://: a new reply connection means results may have been lost.
@@ -758,17 +759,22 @@ class Session:
             return
         if self._reply_connection is not None:
             logger.warning("the rpc:// result consumer reconnected: resending the work in flight")
-            self._event("results-lost")
-            self._resend_inflight()
+            self._event("results-lost", resent=self._resend_inflight())
         self._reply_connection = connection
 
     def _resend_inflight(self):
-        """Send every batch in flight once more (the first result still wins)."""
+        """Send every batch in flight once more (the first result still wins).
+
+        Returns how many batches go out again.
+        """
+        resent = 0
         with self._lock:
             for work, _ in list(self._inflight.values()):
                 if work not in self._backed_up:
                     self._backed_up.add(work)
                     self._pending.append(work)
+                    resent += 1
+        return resent
 
     def _reclaim(self, name, task_ids):
         try:
