@@ -610,3 +610,44 @@ def test_broker_restart_with_rpc_results(net, fault_free, tmp_path):
         detection=down["t"] - run.fault_at, outage=outage, resent=resent,
         late_results=run.session.late_results,
     )  # fmt: skip
+
+
+def test_reaping_kills_only_the_processes_a_dead_run_recorded():
+    """A killed run's state file lists its nodes; the next run kills them,
+    but not a process that got one of their pids since (pids get reused)."""
+    import json
+    import secrets
+    import subprocess
+    import sys
+
+    from netcluster import STATE_DIR, _identity, reap_leftovers
+
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster's state files are under /run (root)")
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()  # the run that died
+    node = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    pid, started = _identity(stranger.pid)
+    state = {
+        "pid": owner.pid,
+        "run": [owner.pid, 0],
+        # The stranger's pid, recorded for a process that started earlier;
+        # and as a bare pid, as the older format recorded nodes.
+        "nodes": [_identity(node.pid), [pid, started - 1]],
+        "node_pids": [stranger.pid],
+        "proxy": None,
+    }
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    path = STATE_DIR / f"test{secrets.token_hex(4)}.json"
+    path.write_text(json.dumps(state))
+    try:
+        reap_leftovers()
+        assert node.wait(timeout=30) == -9
+        assert stranger.poll() is None, "a process with a recorded pid, but not the recorded one, was killed"
+        assert not path.exists()
+    finally:
+        path.unlink(missing_ok=True)
+        for proc in (node, stranger):
+            proc.kill()
+            proc.wait()
