@@ -765,12 +765,14 @@ class Session:
     def _resend_inflight(self):
         """Send every batch in flight once more (the first result still wins).
 
-        Returns how many batches go out again.
+        Returns how many batches go out again. A batch already sent again
+        goes again: its second copy's result may be lost too (a broker
+        restart seen twice, first as a new reply connection).
         """
         resent = 0
         with self._lock:
             for work, _ in list(self._inflight.values()):
-                if work not in self._backed_up:
+                if work not in self._pending:
                     self._backed_up.add(work)
                     self._pending.append(work)
                     resent += 1
