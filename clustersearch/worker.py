@@ -28,7 +28,6 @@ from urllib.parse import unquote, urlparse
 
 from celery import Celery
 from celery.concurrency import asynpool, prefork
-from celery.exceptions import Ignore
 from celery.signals import worker_process_init
 from celery.worker.control import inspect_command
 
@@ -367,13 +366,7 @@ def run_batch(task, payload, source=None, blobs=(), auth=None):
         _reject(task_id, node, str(exc))
     marker = _seen_marker(task_id) if signer.enabled else None
     if marker is not None and marker.exists():
-        # A replay, or the broker's redelivery of a message whose ack it lost
-        # (a restart): nothing runs, and nothing goes back, so that a FAILURE
-        # does not stand for a batch that ran (its result, or the client's
-        # resend, counts).
-        logger.error("node %s rejected task %s, nothing in it was run: %s", node, task_id,
-                     "this task id already ran here (a replayed message)")  # fmt: skip
-        raise Ignore()
+        _reject(task_id, node, "this task id already ran here (a replayed message)")
 
     started = time.time()
     printed = io.StringIO()
