@@ -38,7 +38,26 @@ STATE_DIR = Path("/run/clustersearch-netcluster")
 PROXY = Path(__file__).with_name("_tcpproxy.py")
 RABBITMQ_PORT = 5672
 REDIS_PORT = 6379
-REDIS_DB = 7  # a database of its own (the benchmarks use 3)
+REDIS_DB = 7  # results: a database of its own (the benchmarks use 3)
+# Redis as the broker: a database no other test uses (its queues are named
+# after the hosts, and a killed node leaves unacknowledged messages there).
+REDIS_BROKER_DB = 12
+BROKERS = ("rabbitmq", "redis")
+
+# Run by ``python -c`` in place of ``python -m clustersearch``: a node that
+# says it has clustersearch ``sys.argv[1]`` (a node of another release).
+_OTHER_VERSION = """
+import importlib, pkgutil, runpy, sys
+import clustersearch
+for found in pkgutil.walk_packages(clustersearch.__path__, "clustersearch."):
+    if not found.name.endswith("__main__"):
+        importlib.import_module(found.name)
+for name, module in list(sys.modules.items()):
+    if name.partition(".")[0] == "clustersearch" and hasattr(module, "__version__"):
+        module.__version__ = sys.argv[1]
+sys.argv = ["clustersearch", *sys.argv[2:]]
+runpy.run_module("clustersearch", run_name="__main__", alter_sys=True)
+"""
 
 # Measured detection and recovery times, one line per fault test; conftest
 # prints them at the end of the run.
@@ -75,6 +94,44 @@ def _pid_alive(pid):
     except PermissionError:
         return True
     return True
+
+
+def _start_time(pid):
+    """When process ``pid`` started (clock ticks after boot), None if gone.
+
+    A pid and its start time name one process: a pid read from an old state
+    file may belong to another process by now (pids are reused).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, TypeError, ValueError):
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so count after it.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def _identity(pid):
+    """``[pid, start time]`` for a state file."""
+    return [pid, _start_time(pid)]
+
+
+def _same_process(identity):
+    """Whether ``[pid, start time]`` still names a running process."""
+    if not isinstance(identity, list) or len(identity) != 2 or identity[1] is None:
+        return False  # nothing to check it against: never signal it
+    pid, started = identity
+    return _start_time(pid) == started
+
+
+def _kill_recorded(identity, *, group=False):
+    """SIGKILL the process a state file recorded, only if it is still that one."""
+    if not _same_process(identity):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(identity[0], signal.SIGKILL)
+        else:
+            os.kill(identity[0], signal.SIGKILL)
 
 
 def child_pids(pid):
@@ -156,9 +213,15 @@ class NetCluster:
     n_nodes : int
     backend : {"redis", "rpc"}
         The result backend of the nodes and of :meth:`cluster`.
+    broker : {"rabbitmq", "redis"}
+        The broker of the nodes and of :meth:`cluster` (a RabbitMQ virtual
+        host of this cluster's own, or Redis database ``REDIS_BROKER_DB``);
+        :meth:`reset` switches it.
     """
 
-    def __init__(self, workdir, *, n_hosts=4, n_nodes=3, backend="redis"):
+    def __init__(self, workdir, *, n_hosts=4, n_nodes=3, backend="redis", broker="rabbitmq"):
+        if broker not in BROKERS:
+            raise ValueError(f"broker must be one of {BROKERS}, not {broker!r}")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.markers = self.workdir / "markers"
@@ -167,6 +230,8 @@ class NetCluster:
         self.n_hosts = n_hosts
         self.n_nodes = n_nodes
         self.backend_kind = backend
+        self.broker_kind = broker
+        self.used_redis_broker = False
         self.bridge = f"csbr{self.token}"
         self.hosts = [f"host{i + 1}" for i in range(n_hosts)]
         self.netns = {h: f"cs{self.token}{h}" for h in self.hosts}
@@ -209,7 +274,10 @@ class NetCluster:
     def _write_state(self):
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         state = {
+            # Bare pids for readers of the older format; the identities
+            # (pid, start time) are what reap_leftovers checks and kills.
             "pid": os.getpid(),
+            "run": _identity(os.getpid()),
             "bridge": self.bridge,
             "netns": list(self.netns.values()),
             "veth": list(self.veth.values()),
@@ -218,6 +286,8 @@ class NetCluster:
             "cgroups": [str(c.path) for c in self.cgroups.values()],
             "node_pids": [p.pid for p in self.procs.values()],
             "proxy_pid": self._proxy.pid if self._proxy else None,
+            "nodes": [_identity(p.pid) for p in self.procs.values()],
+            "proxy": _identity(self._proxy.pid) if self._proxy else None,
             "broker_stopped": self.broker_stopped,
         }
         self._state.write_text(json.dumps(state))
@@ -285,6 +355,8 @@ class NetCluster:
             self._proxy = None
         for host in list(self.cgroups):
             attempt(_CpuQuota.remove, self.cgroups.pop(host).path)
+        if self.used_redis_broker:
+            attempt(_flush_redis_broker)
         _teardown(
             {"bridge": self.bridge, "netns": list(self.netns.values()),
              "veth": list(self.veth.values()), "user": self.user, "vhost": self.vhost},
@@ -302,6 +374,8 @@ class NetCluster:
     def broker_url(self, host_side=True):
         """The broker as the client (host side) or as a node sees it."""
         address = "127.0.0.1" if host_side else self.gateway
+        if self.broker_kind == "redis":
+            return f"redis://{address}:{REDIS_PORT}/{REDIS_BROKER_DB}"
         return f"amqp://{self.user}:{self.password}@{address}:{RABBITMQ_PORT}/{self.vhost}"
 
     def backend_url(self, host_side=True):
@@ -316,13 +390,21 @@ class NetCluster:
 
     # -- nodes --------------------------------------------------------------------
 
-    def start_node(self, host, *, wait=True):
+    def start_node(self, host, *, wait=True, version=None):
+        """Start a node on ``host``; ``version``: the clustersearch version it
+        reports, for a node of another release (None: this one's)."""
+        if version is None:
+            run_cli = [sys.executable, "-m", "clustersearch"]
+        else:
+            run_cli = [sys.executable, "-c", _OTHER_VERSION, version]
+        if self.broker_kind == "redis":
+            self.used_redis_broker = True
         cmd = [
             "ip", "netns", "exec", self.netns[host],
             # A host name of its own, too (a UTS namespace): node info, and
             # what clustersearch decides from it, see another machine.
             "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', host,
-            sys.executable, "-m", "clustersearch", "worker",
+            *run_cli, "worker",
             "--broker", self.broker_url(host_side=False),
             "--backend", self.backend_url(host_side=False),
             "--name", host, "--concurrency", "1", "--threads-per-process", "1",
@@ -426,12 +508,19 @@ class NetCluster:
         self.broker_stopped = False
         self._write_state()
 
-    def reset(self, hosts=None):
+    def reset(self, hosts=None, broker=None):
         """Healthy nodes on ``hosts`` (the first ``n_nodes``) again, after a fault.
 
         Nodes a fault touched are restarted; the others keep running.
+        ``broker`` (``"rabbitmq"`` or ``"redis"``): the broker the nodes use
+        from now on (a change restarts every node); None keeps it.
         """
         hosts = hosts or self.hosts[: self.n_nodes]
+        if broker is not None and broker != self.broker_kind:
+            if broker not in BROKERS:
+                raise ValueError(f"broker must be one of {BROKERS}, not {broker!r}")
+            self.dirty.update(self.procs)
+            self.broker_kind = broker
         if self.broker_stopped:
             self.start_broker()
         for host in self.hosts:
@@ -446,6 +535,17 @@ class NetCluster:
             if host not in self.procs:
                 self.start_node(host, wait=False)
         self.wait_for(hosts)
+
+
+def _flush_redis_broker():
+    """Empty the Redis database the nodes used as their broker."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=REDIS_BROKER_DB)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
 
 
 def _stop_process(proc):
@@ -470,7 +570,9 @@ def _teardown(state, errors):
     for dev in [*state.get("veth", ()), state.get("bridge")]:
         if dev and Path("/sys/class/net", dev).exists():
             proc = _run("ip", "link", "del", dev, check=False)
-            if proc.returncode != 0:
+            # A veth goes with its peer when the namespace holding the peer
+            # is deleted, which may finish after the check above.
+            if proc.returncode != 0 and Path("/sys/class/net", dev).exists():
                 errors.append(f"ip link del {dev}: {proc.stderr.strip()}")
     if state.get("vhost"):
         _run("rabbitmqctl", "-q", "delete_vhost", state["vhost"], check=False)
@@ -487,17 +589,18 @@ def reap_leftovers():
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if _pid_alive(state.get("pid", 0)):
-            continue
+        run = state.get("run")
+        if _same_process(run) if run else _pid_alive(state.get("pid", 0)):
+            continue  # its run is still going
+        # Only processes whose start time matches: a pid from a dead run may
+        # name another process by now. (A state file of the older format has
+        # bare pids only; its nodes die with their namespaces in _teardown.)
         if state.get("broker_stopped"):
             _run("rabbitmqctl", "-q", "start_app", check=False)
             _run("rabbitmqctl", "-q", "await_startup", check=False)
-        for pid in state.get("node_pids", ()):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        if state.get("proxy_pid"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state["proxy_pid"], signal.SIGKILL)
+        for identity in state.get("nodes", ()):
+            _kill_recorded(identity, group=True)
+        _kill_recorded(state.get("proxy"))
         for cgroup in state.get("cgroups", ()):
             _CpuQuota.remove(cgroup)
         _teardown(state, [])

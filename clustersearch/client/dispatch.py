@@ -206,9 +206,19 @@ class Dispatcher:
                 return
             work, node = copy.work, copy.node
             session.members.released(node)
-            if result.state != states.SUCCESS and is_worker_lost(result.result):
+            if result.state != states.SUCCESS:
+                # Not a fit's outcome (a fit's exception comes back as a
+                # value): the worker process died, or the node refused the
+                # task, e.g. a message RabbitMQ delivered again after a
+                # restart lost its acknowledgement, which the node had run.
+                if is_worker_lost(result.result):
+                    what = f"its worker process died ({result.result})"
+                else:
+                    what = f"the node refused it ({result.state}: {result.result!r})"
+                    logger.warning("node %r: %s", node, what)
+                    session.stats.event("task-refused", node, why=what)
                 if not self.has_copy(work):
-                    self.failures.failed_try(work, node, f"its worker process died ({result.result})")
+                    self.failures.failed_try(work, node, what)
                 return
             # The first copy to finish wins; the other is revoked.
             revoke = self.drop_copies(work)
@@ -218,13 +228,7 @@ class Dispatcher:
             self.revoke(revoke, terminate=True)
         # The copy that won: its result is verified against its own task id.
         work.task_id, work.node = result.id, node
-        if result.state == states.SUCCESS:
-            work.result = result.result
-        else:
-            work.error = ClusterSearchError(
-                f"work sent to node {node!r} failed in Celery "
-                f"({result.state}): {result.result!r}"
-            )
+        work.result = result.result
         session.finished.append(work)
 
     def _finish_ready(self) -> None:

@@ -226,7 +226,7 @@ class Failures:
         session.members.broker_back(now)
         if is_rpc_backend(session.app.backend):
             # rpc:// results published while the broker was away are lost.
-            self.resend_in_flight()
+            session.stats.event("results-lost", resent=self.resend_in_flight())
 
     def check_reply_connection(self, backend: Any) -> None:
         """rpc://: a new reply connection means results may have been lost.
@@ -240,15 +240,20 @@ class Failures:
             return
         if self._reply_connection is not None:
             logger.warning("the rpc:// result consumer reconnected: resending the work in flight")
-            self.session.stats.event("results-lost")
-            self.resend_in_flight()
+            self.session.stats.event("results-lost", resent=self.resend_in_flight())
         self._reply_connection = connection
 
-    def resend_in_flight(self) -> None:
-        """Send every batch in flight once more (the first result still wins)."""
+    def resend_in_flight(self) -> int:
+        """Send every batch in flight once more (the first result still wins);
+        how many were sent. A batch already resent is resent again: an outage
+        seen twice loses results twice."""
         session = self.session
+        resent = 0
         with session.lock:
             for copy in list(session.copies.values()):
-                if not copy.work.backed_up:
-                    copy.work.backed_up = True
-                    session.pending.append(copy.work)
+                work = copy.work
+                if not any(w is work for w in session.pending):
+                    work.backed_up = True
+                    session.pending.append(work)
+                    resent += 1
+        return resent

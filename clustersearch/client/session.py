@@ -44,7 +44,9 @@ class Stats:
     ``events`` lists what happened to the nodes, in order: ``{"t":
     time.monotonic(), "event": ..., "node": ..., ...}`` with events "lost"
     (and ``silent_s``), "joined", "worker-lost", "gave-up", "straggler",
-    "broker-down", "broker-up", "results-lost", "refused" (a joining node
+    "broker-down", "broker-up", "results-lost" (``resent``: the batches in
+    flight sent again, their rpc:// results lost), "task-refused" (a node
+    refused a task in Celery: the task is retried like a lost one), "refused" (a joining node
     that fails the pre-flight checks). ``late_results`` counts results that
     came after their work was done or sent elsewhere: ignored.
     """
