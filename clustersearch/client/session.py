@@ -192,7 +192,7 @@ class Session:
                 work.callback.parent.future.cancel()
         if task_ids:
             # Terminate what runs: nodes do not keep computing a dead search.
-            self.dispatcher.revoke(task_ids, terminate=True)
+            self.dispatcher.revoke(task_ids)
 
     # -- statistics (read by the estimators)
 
