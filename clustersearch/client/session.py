@@ -125,7 +125,9 @@ class Session:
 
     def start(self) -> Session:
         """Start the blob server, the dispatcher and the heartbeat threads."""
-        self.blob_server = BlobServer(self.app, self.blobs)
+        self.blob_server = BlobServer(
+            self.app, self.blobs, nodes=lambda: self.members.nodes, signer=self.signer
+        )
         self.dispatcher.start()
         if self.discover is not None:
             self._watcher = Watcher(self.discover, self.policy, self.dispatcher.post_beat)

@@ -101,7 +101,7 @@ class _Pickler(cloudpickle.CloudPickler):
     def persistent_id(self, obj):
         ref = self.table.persistent_id(obj)
         if ref is not None:
-            self.refs[ref[1]] = ref[2]
+            self.refs[ref[1]] = (ref[2], self.table.get(ref[1]).nbytes)
         return ref
 
 
@@ -117,13 +117,13 @@ def dumps_with_blobs(obj, table, drop=None) -> tuple[bytes, list]:
     """Serialize ``obj`` with its large arrays left in ``table``.
 
     ``drop``, wherever it occurs in ``obj``, is sent as None. Returns the
-    payload and the ``(digest, kind)`` pairs it references.
+    payload and the ``(digest, kind, nbytes)`` of the blobs it references.
     """
     _send_user_modules_by_value()
     buffer = io.BytesIO()
     pickler = _Pickler(buffer, table, drop)
     pickler.dump(obj)
-    return buffer.getvalue(), sorted(pickler.refs.items())
+    return buffer.getvalue(), sorted((d, k, n) for d, (k, n) in pickler.refs.items())
 
 
 def loads(data: bytes):
