@@ -136,7 +136,9 @@ class Damaging(ClassifierMixin, BaseEstimator):
                     except FileNotFoundError:
                         continue
                     data[-8:] = bytes(255 - b for b in data[-8:])
-                    tmp = path.with_name(".tmp-" + path.name)
+                    # A name of this process's own: two nodes share the
+                    # folder and may damage it at the same moment.
+                    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
                     tmp.write_bytes(data)
                     os.replace(tmp, path)
         time.sleep(self.delay)
