@@ -20,10 +20,14 @@ __all__ = [
     "WorkerLostError",
     "batch_calls",
     "batch_with_calls",
+    "celery_revoke",
+    "control_commands",
     "fit_and_score",
     "get_active_backend",
+    "hidden_settings_filtered",
     "is_rpc_backend",
     "joblib_backends",
+    "pidbox_node",
     "prefork_pool_classes",
     "result_consumer_connection",
     "run_exit_handlers",
@@ -73,6 +77,11 @@ PRIVATE_APIS = {
     "then skips the interpreter's slow teardown",
     "celery.worker.state.active_requests (after SIGTERM)": "a node's bounded warm "
     "shutdown waits for the running fits first",
+    "celery.worker.consumer Control step .box.node.handlers, "
+    "celery.worker.control.Panel.meta": "nodes refuse Celery's state-changing remote "
+    "control (shutdown, cancel_consumer...) unless the operator allows it",
+    "celery.worker.control.revoke, celery.app.utils.filter_hidden_settings": "the "
+    "signed clustersearch_revoke does what revoke does; inspect conf is masked",
 }
 
 # -- scikit-learn ---------------------------------------------------------------
@@ -187,3 +196,39 @@ def run_exit_handlers() -> None:
     import atexit
 
     atexit._run_exitfuncs()
+# -- Celery's remote control (node side only) ---------------------------------------
+
+
+def pidbox_node(consumer: Any) -> Any:
+    """The kombu mailbox Node that dispatches a worker consumer's remote
+    control commands (its ``handlers`` dict, name -> function(state, **kw)),
+    or None when remote control is off."""
+    for step in getattr(consumer.blueprint, "order", ()):
+        box = getattr(step, "box", None)
+        if box is not None and hasattr(getattr(box, "node", None), "handlers"):
+            return box.node
+    return None
+
+
+def control_commands() -> dict[str, str]:
+    """Every remote-control command Celery registered: name -> 'control' or
+    'inspect' (``celery.worker.control.Panel.meta``)."""
+    from celery.worker.control import Panel
+
+    return {name: meta.type for name, meta in Panel.meta.items()}
+
+
+def celery_revoke(state: Any, task_ids: list[str], signal: str) -> Any:
+    """What Celery's own ``revoke(terminate=True)`` does on a node: mark the
+    tasks revoked in ``celery.worker.state`` and terminate those running."""
+    from celery.worker.control import revoke
+
+    return revoke(state, task_ids, terminate=True, signal=signal)
+
+
+def hidden_settings_filtered(conf: Any) -> Any:
+    """A configuration mapping with passwords, keys and URL credentials
+    masked (``celery.app.utils.filter_hidden_settings``)."""
+    from celery.app.utils import filter_hidden_settings
+
+    return filter_hidden_settings(conf)

@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     # by the client, closes; then remove the cluster's folder.
     worker.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
     worker.add_argument("--watch-remove", default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--allow-remote-control", action="store_true",
+                        help="obey Celery's state-changing remote control (shutdown, "
+                        "cancel_consumer, pool_shrink, unsigned revoke...) from anyone "
+                        "who can publish to the broker; inspection works without it")
 
     nodes = sub.add_parser("nodes", help="list the live nodes")
     nodes.add_argument("--broker", default=env_broker, required=env_broker is None)
@@ -170,6 +174,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         max_payload=max_payload,
         max_age_s=defaults.max_age_s,
         secret=secret,
+        allow_remote_control=args.allow_remote_control or defaults.allow_remote_control,
     )
 
     from .node.app import create_node_app

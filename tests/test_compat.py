@@ -181,3 +181,37 @@ def test_atexit_run_exitfuncs_runs_the_handlers():
 
 def test_celery_active_requests_counts():
     assert _compat.running_fits() == 0
+def test_celery_pidbox_handlers_of_a_worker_consumer():
+    # A real (unstarted) worker of a node app: its mailbox gets the guarded
+    # handler table; Celery's global table is left alone.
+    from celery.worker.control import Panel
+
+    from clustersearch.node.app import create_node_app
+    from clustersearch.node.settings import NodeSettings
+
+    app = create_node_app("memory://", settings=NodeSettings(secret=b"s" * 32))
+    worker = app.WorkController(pool_cls="solo", hostname="compat@test", concurrency=1)
+    node = _compat.pidbox_node(worker.consumer)
+    assert node is not None, "the consumer's Control step no longer has .box.node"
+    assert isinstance(node.handlers, dict), "kombu.pidbox.Node.handlers is no longer a dict"
+    for name in ("shutdown", "cancel_consumer", "revoke", "terminate"):
+        assert node.handlers[name] is not Panel.data[name], name
+        assert Panel.data[name].__module__ == "celery.worker.control", name
+    for name in ("ping", "stats", "active", "active_queues", "registered", "clustersearch_info"):
+        assert node.handlers[name] is Panel.data[name], name
+    kinds = _compat.control_commands()
+    assert kinds["shutdown"] == "control" and kinds["ping"] == "inspect", (
+        "celery.worker.control.Panel.meta no longer gives each command's type"
+    )
+
+
+def test_celery_revoke_and_filter_hidden_settings():
+    from celery.worker.control import revoke
+
+    params = inspect.signature(revoke).parameters
+    for name in ("state", "task_id", "terminate", "signal"):
+        assert name in params, f"celery.worker.control.revoke lost its {name!r} parameter"
+    masked = _compat.hidden_settings_filtered(
+        {"broker_url": "amqp://user:pw@host//", "clustersearch_secret": "x"}
+    )
+    assert "pw" not in masked["broker_url"] and masked["clustersearch_secret"] != "x"

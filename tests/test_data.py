@@ -139,7 +139,8 @@ class Damaging(ClassifierMixin, BaseEstimator):
                     except FileNotFoundError:
                         continue
                     data[-8:] = bytes(255 - b for b in data[-8:])
-                    # A name of its own: fits in other processes corrupt too.
+                    # A name of this process's own: two nodes share the
+                    # folder and may damage it at the same moment.
                     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
                     tmp.write_bytes(data)
                     os.replace(tmp, path)
@@ -172,7 +173,7 @@ def test_a_damaged_cache_is_fetched_again_not_a_failed_fit(cluster, damage):
 
 
 def _store(table, cache, refs):
-    for digest, kind in refs:
+    for digest, kind, _ in refs:
         with open(cache.path(digest, kind), "wb") as f:
             for chunk in table.get(digest).chunks(size=1000):
                 f.write(chunk)
@@ -188,10 +189,12 @@ def test_large_arrays_become_references_small_ones_stay_inline(tmp_path):
     obj = {"big": big, "again": big, "small": small, "f": fortran, "s": strided, "o": objects}
     payload, refs = dumps_with_blobs(obj, table)
     assert len(payload) < 2000
-    assert sorted(kind for _, kind in refs) == ["npy", "npy", "npy", "pkl"]
+    assert sorted(kind for _, kind, _ in refs) == ["npy", "npy", "npy", "pkl"]
+    # Each reference declares its blob's size (what a node accepts of it).
+    assert all(n == table.get(d).nbytes > 0 for d, _, n in refs)
     cache = NodeCache(tmp_path)
     _store(table, cache, refs)
-    assert all(cache._valid(d, k) for d, k in refs)
+    assert all(cache._valid(d, k) for d, k, _ in refs)
     loaded = cache.loads(payload)
     assert loaded["big"] is loaded["again"]
     np.testing.assert_array_equal(loaded["big"], big)
@@ -234,7 +237,7 @@ def test_cache_evicts_least_recently_used_within_its_bound(tmp_path):
     for array in arrays:
         _, (ref,) = dumps_with_blobs(array, table)
         _store(table, cache, [ref])
-        assert cache._valid(*ref)
+        assert cache._valid(*ref[:2])
         refs.append(ref)
         cache._evict(keep={ref[0]})
         time.sleep(0.01)
@@ -248,11 +251,11 @@ def test_a_corrupted_file_is_not_loaded(tmp_path):
     _, (ref,) = dumps_with_blobs(np.ones(5000), table)
     cache = NodeCache(tmp_path)
     _store(table, cache, [ref])
-    path = cache.path(*ref)
+    path = cache.path(*ref[:2])
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(data)
-    assert not cache._valid(*ref)
+    assert not cache._valid(*ref[:2])
     assert not path.exists()
 
 

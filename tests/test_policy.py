@@ -49,7 +49,7 @@ from clustersearch.wire.serialization import loads
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-def node(name, concurrency=2, stalled_s=0.0):
+def node(name, concurrency=2, stalled_s=0.0, consuming=True):
     return NodeInfo(
         name=name,
         queue=f"clustersearch.{name}",
@@ -59,6 +59,7 @@ def node(name, concurrency=2, stalled_s=0.0):
         cpu_count=8,
         pid=1000,
         stalled_s=stalled_s,
+        consuming=consuming,
     )
 
 
@@ -350,6 +351,22 @@ def test_a_stalled_node_is_lost_after_the_stall_limit():
     assert members.beat(3.0, [node("a", stalled_s=11.0), node("b")]) == BeatOutcome()
     # Healthy again: it joins.
     assert members.beat(4.0, [node("a"), node("b")]).joining == [node("a")]
+
+
+def test_a_node_that_stopped_consuming_its_queue_is_lost_and_not_admitted():
+    # It answers heartbeats (a remote cancel_consumer leaves it so), but
+    # takes no work: as good as lost, and not a joining node while so.
+    members = Membership([node("a"), node("b")], Policy(), 0.0)
+    outcome = members.beat(1.0, [node("a", consuming=False), node("b")])
+    assert outcome.joining == []
+    ((name, why, info),) = outcome.lost
+    assert (name, info) == ("a", {"consuming": False})
+    assert "no longer consumes its queue clustersearch.a" in why
+    members.remove("a", 1.0)
+    assert members.beat(2.0, [node("a", consuming=False), node("b")]) == BeatOutcome()
+    assert members.beat(3.0, [node("a"), node("b")]).joining == [node("a")]
+    assert NodeInfo.from_reply({"node": "a", "concurrency": 1, "consuming": False}).consuming is False
+    assert NodeInfo.from_reply({"node": "a", "concurrency": 1}).consuming is True
 
 
 def test_a_new_node_joins_and_a_lost_node_answering_rejoins():

@@ -25,10 +25,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from kombu import Queue
 
-from ..wire.blobs import CHUNK_BYTES, MIN_BLOB_BYTES, RAW, TAG, new_digest
+from ..wire.blobs import (
+    CHUNK_BYTES,
+    MIN_BLOB_BYTES,
+    RAW,
+    TAG,
+    chunk_count,
+    new_digest,
+    reply_queue_node,
+)
 
 if TYPE_CHECKING:
-    from celery import Celery
+    pass
 
 __all__ = ["BlobServer", "BlobTable"]
 
@@ -137,11 +145,22 @@ class BlobServer:
     app : celery.Celery
         The client's app: its broker carries requests and chunks.
     table : BlobTable
+    nodes : callable, optional
+        Returns the names of the session's nodes: chunks go only to a reply
+        queue named after one of them (``wire.blobs.reply_queue``); any other
+        request is refused and logged. None answers any node.
+    signer : Signer, optional
+        With a secret, every chunk carries an HMAC over its blob's digest,
+        its index and its bytes (headers ``t`` and ``mac``): a node then
+        drops any chunk the client did not send before writing it.
     """
 
-    def __init__(self, app: Celery, table: BlobTable) -> None:
+    def __init__(self, app, table, nodes=None, signer=None):
         self.app = app
         self.table = table
+        self.nodes = nodes
+        self.signer = signer
+        self.refused = 0
         self.queue_name = f"clustersearch.blobs.{uuid.uuid4().hex}"
         self.bytes_per_node: Counter[str] = Counter()
         self.blobs_per_node: Counter[str] = Counter()
@@ -206,6 +225,14 @@ class BlobServer:
         try:
             request = message.decode()
             reply_to, node = request["reply_to"], request.get("node", "?")
+            owner = reply_queue_node(reply_to)
+            if owner is None or owner != node or (
+                self.nodes is not None and node not in self.nodes()
+            ):
+                self.refused += 1
+                logger.warning("refused a blob request to reply queue %.100r from %.100r: "
+                               "not a reply queue of this session's nodes", reply_to, node)  # fmt: skip
+                return
             for digest in request["digests"]:
                 blob = self.table.get(digest)
                 if blob is None:
@@ -215,13 +242,15 @@ class BlobServer:
                         headers={"digest": digest, "error": "unknown to this client"},
                     )  # fmt: skip
                     continue
-                count = max(1, -(-blob.nbytes // CHUNK_BYTES))
+                count = chunk_count(blob.nbytes)
                 for index, chunk in enumerate(blob.chunks()):
+                    auth = self.signer.sign("chunk", digest, chunk, [index, count]) if (
+                        self.signer is not None) else {}  # fmt: skip
                     producer.publish(
                         chunk, routing_key=reply_to, exchange="", content_type=RAW,
                         content_encoding="binary", delivery_mode=1,
                         headers={"digest": digest, "index": index, "count": count,
-                                 "kind": blob.kind},
+                                 "kind": blob.kind, **auth},
                     )  # fmt: skip
                 self.bytes_per_node[node] += blob.nbytes
                 self.blobs_per_node[node] += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Cluster", "NodeInfo", "check_nodes", "redact", "resolve_cluster"]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -71,6 +74,9 @@ class NodeInfo:
     stalled_s : float
         For how long the node's pool has started no task while one waited and
         a process was free (0 for a healthy node).
+    consuming : bool
+        Whether the node takes work from its queue (False after a
+        ``cancel_consumer``: it answers, but runs nothing).
     """
 
     name: str
@@ -83,6 +89,7 @@ class NodeInfo:
     versions: dict[str, str] = field(default_factory=dict, compare=False)
     secret: str | None = field(default=None, compare=False)
     stalled_s: float = field(default=0.0, compare=False)
+    consuming: bool = field(default=True, compare=False)
 
     @classmethod
     def from_reply(cls, info: dict[str, Any]) -> NodeInfo:
@@ -98,6 +105,7 @@ class NodeInfo:
             versions=dict(info.get("versions", {})),
             secret=info.get("secret"),
             stalled_s=float(info.get("stalled_s") or 0.0),
+            consuming=info.get("consuming") is not False,
         )
 
 
@@ -317,6 +325,11 @@ class Cluster:
     def require_nodes(self) -> list[NodeInfo]:
         """The live nodes; NoWorkersError naming the broker when there is none."""
         nodes = self.nodes()
+        idle = [node.name for node in nodes if not node.consuming]
+        if idle:
+            logger.warning("nodes %s answer but do not consume their queues (a remote "
+                           "cancel_consumer?): left out; restart them", idle)  # fmt: skip
+            nodes = [node for node in nodes if node.consuming]
         if not nodes:
             raise NoWorkersError(
                 f"no clustersearch node answered on {redact(self.broker_url)!r} "

@@ -21,7 +21,8 @@ from celery import states
 
 from .._compat import set_result_from_meta
 from ..exceptions import ClusterSearchError, MessageRejected
-from ..wire.protocol import STOP_SIGNAL, TASK_NAME, RemoteFailure
+from ..wire.control import REVOKE_COMMAND, revoke_arguments
+from ..wire.protocol import TASK_NAME, RemoteFailure
 from ..wire.serialization import loads
 from .failures import Failures
 from .recovery import is_connection_error, is_worker_lost, reclaim
@@ -225,7 +226,7 @@ class Dispatcher:
             if not revoke and not work.backed_up:
                 self.failures.durations.append(time.monotonic() - copy.sent_at)
         if revoke:
-            self.revoke(revoke, terminate=True)
+            self.revoke(revoke)
         # The copy that won: its result is verified against its own task id.
         work.task_id, work.node = result.id, node
         work.result = result.result
@@ -321,9 +322,14 @@ class Dispatcher:
 
     # -- broker chores
 
-    def revoke(self, task_ids: list[str], terminate: bool = False) -> None:
+    def revoke(self, task_ids: list[str]) -> None:
+        """Stop ``task_ids`` wherever they run (terminating running fits): ``clustersearch_revoke``,
+        signed with the session's secret (nodes refuse Celery's own revoke,
+        which anyone on the broker can send)."""
         try:
-            self.session.app.control.revoke(task_ids, terminate=terminate, signal=STOP_SIGNAL)
+            self.session.app.control.broadcast(
+                REVOKE_COMMAND, arguments=revoke_arguments(self.session.signer, task_ids)
+            )
         except Exception:  # the search ends anyway; nodes drop stale work
             logger.warning("could not revoke %d tasks", len(task_ids), exc_info=True)
 

@@ -108,7 +108,7 @@ class Failures:
         silent = now - session.members.last_seen.get(name, now)
         session.stats.event("lost", name, silent_s=silent, rerouted=len(stale), **info)
         if stale:
-            self.dispatcher.revoke(stale, terminate=True)
+            self.dispatcher.revoke(stale)
             if self.dispatcher.reclaim(name, stale):
                 self.stale[name].difference_update(stale)
 

@@ -127,7 +127,13 @@ class Membership:
                     why = f"it missed {self.missed[name]} heartbeats in a row"
                     outcome.lost.append((name, why, {}))
         for name, info in replies.items():
-            if info.stalled_s >= self.policy.stall_limit_s:
+            if not info.consuming:
+                # It answers, but takes nothing from its queue (a cancel_consumer).
+                if name in self.window:
+                    why = (f"it no longer consumes its queue {info.queue} (a remote "
+                           "cancel_consumer?); restart the node")  # fmt: skip
+                    outcome.lost.append((name, why, {"consuming": False}))
+            elif info.stalled_s >= self.policy.stall_limit_s:
                 # It answers, but its pool starts nothing: as good as lost.
                 if name in self.window:
                     why = (

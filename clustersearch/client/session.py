@@ -128,7 +128,9 @@ class Session:
 
     def start(self) -> Session:
         """Start the blob server, the dispatcher and the heartbeat threads."""
-        self.blob_server = BlobServer(self.app, self.blobs)
+        self.blob_server = BlobServer(
+            self.app, self.blobs, nodes=lambda: self.members.nodes, signer=self.signer
+        )
         self.dispatcher.start()
         if self.discover is not None:
             self._watcher = Watcher(self.discover, self.policy, self.dispatcher.post_beat)
@@ -195,7 +197,7 @@ class Session:
                 work.callback.parent.future.cancel()
         if task_ids:
             # Terminate what runs: nodes do not keep computing a dead search.
-            self.dispatcher.revoke(task_ids, terminate=True)
+            self.dispatcher.revoke(task_ids)
 
     # -- statistics (read by the estimators)
 

@@ -9,6 +9,7 @@ from ..wire.config import create_app
 from ..wire.protocol import STOP_SIGNAL, TASK_NAME
 from . import control  # noqa: F401  (registers the info command)
 from .guard import install_fit_guard
+from .remote import ControlGuard
 from .settings import CONF_KEY, NodeSettings
 from .task import run_batch
 
@@ -33,6 +34,7 @@ def create_node_app(
             "worker_lost_wait": 1.0,
         }
     )
+    app.steps["consumer"].add(ControlGuard)
     app.task(name=TASK_NAME, bind=True, shared=False)(run_batch)
     worker_process_init.connect(install_fit_guard, weak=False, dispatch_uid=STOP_SIGNAL)
     return app

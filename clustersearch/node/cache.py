@@ -22,18 +22,27 @@ import os
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections import Counter
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from kombu import Queue
 
-from ..exceptions import BlobError
-from ..wire.blobs import CHUNK_BYTES, DEFAULT_CACHE_BYTES, TAG, new_digest
+from ..exceptions import BlobError, MessageRejected
+from ..wire.blobs import (
+    CHUNK_BYTES,
+    DEFAULT_CACHE_BYTES,
+    TAG,
+    chunk_bytes,
+    chunk_count,
+    new_digest,
+    reply_queue,
+)
 
 if TYPE_CHECKING:
-    import hashlib
+    pass
 
 __all__ = ["NodeCache"]
 
@@ -144,117 +153,37 @@ class NodeCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def ensure(
-        self,
-        refs: Sequence[tuple[str, str]],
-        source: str | None,
-        connect: Callable[[], Any],
-        node: str = "?",
-    ) -> int:
-        """Make sure every ``(digest, kind)`` in ``refs`` is here; fetch the rest.
+    def ensure(self, refs, source, connect, node="?", signer=None):
+        """Make sure every ``(digest, kind, nbytes)`` in ``refs`` is here; fetch the rest.
 
         ``connect`` returns a new kombu connection to the cluster's broker;
-        ``source`` is the client's blob queue. Returns the bytes fetched.
+        ``source`` is the client's blob queue. With ``signer`` (a Signer
+        holding a secret) every chunk must carry the client's HMAC. Returns
+        the bytes fetched.
         """
-        missing = [(d, k) for d, k in refs if not self._valid(d, k)]
+        missing = [(d, k, n) for d, k, n in refs if not self._valid(d, k)]
         if not missing:
             return 0
         with self._locked():
             # Another process may have fetched them while we waited.
-            missing = [(d, k) for d, k in missing if not self._valid(d, k)]
+            missing = [(d, k, n) for d, k, n in missing if not self._valid(d, k)]
             if not missing:
                 return 0
             if not source:
                 raise BlobError("the task references data but names no client to fetch it from")
-            fetched = self._fetch(dict(missing), source, connect, node)
-            self._evict(keep={d for d, _ in refs})
+            wanted = {d: (k, n) for d, k, n in missing}
+            fetched = _Fetch(self, wanted, node, signer).run(source, connect)
+            self._evict(keep={d for d, _, _ in refs})
         return fetched
 
-    def _fetch(
-        self, wanted: dict[str, str], source: str, connect: Callable[[], Any], node: str
-    ) -> int:
-        reply = f"clustersearch.reply.{uuid.uuid4().hex}"
-        queue = Queue(reply, routing_key=reply, durable=False, auto_delete=True, expires=600)
-        files: dict[str, tuple[Path, IO[bytes]]] = {}
-        hashers: dict[str, hashlib.blake2b] = {}
-        done: set[str] = set()
-        errors: list[str] = []
-        total = 0
-
-        def on_chunk(message: Any) -> None:
-            nonlocal total
-            headers = message.headers or {}
-            digest = headers.get("digest")
-            message.ack()
-            if digest not in wanted or digest in done:
-                return
-            if "error" in headers:
-                errors.append(f"{digest}: {headers['error']}")
-                done.add(digest)
-                return
-            if digest not in files:
-                tmp = self.directory / f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-                files[digest] = (tmp, open(tmp, "wb"))
-                hashers[digest] = new_digest()
-            body = message.body
-            files[digest][1].write(body)
-            hashers[digest].update(body)
-            total += len(body)
-            if headers["index"] + 1 == headers["count"]:
-                tmp, f = files.pop(digest)
-                f.close()
-                if hashers[digest].hexdigest() != digest:
-                    tmp.unlink()
-                    errors.append(f"{digest}: arrived corrupted")
-                else:
-                    # Load what was verified, then publish it under its name.
-                    self._open.pop(digest, None)
-                    with open(tmp, "rb") as f:
-                        if wanted[digest] == "npy":
-                            obj = _map_npy(f)
-                        else:
-                            obj = pickle.load(f)
-                        st = os.fstat(f.fileno())
-                    os.replace(tmp, self.path(digest, wanted[digest]))
-                    self._open[digest] = (_identity(st), obj)
-                done.add(digest)
-
-        try:
-            with connect() as conn:
-                channel = conn.default_channel
-                queue = queue.bind(channel)
-                queue.declare()
-                with conn.Consumer(queue, on_message=on_chunk):
-                    conn.Producer().publish(
-                        {"digests": sorted(wanted), "reply_to": reply, "node": node},
-                        routing_key=source, exchange="", serializer="json",
-                        delivery_mode=1,
-                    )  # fmt: skip
-                    deadline = time.monotonic() + FETCH_TIMEOUT_S
-                    while len(done) < len(wanted):
-                        before = total + len(done)
-                        try:
-                            conn.drain_events(timeout=1.0)
-                        except TimeoutError:
-                            pass
-                        now = time.monotonic()
-                        if total + len(done) != before:
-                            deadline = now + FETCH_TIMEOUT_S
-                        elif now > deadline:
-                            raise BlobError(
-                                f"the client sent no data for {FETCH_TIMEOUT_S:.0f} s "
-                                f"(queue {source}): is the search still running?"
-                            )
-                with contextlib.suppress(Exception):
-                    queue.delete()
-        finally:
-            for tmp, f in files.values():
-                f.close()
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-        if errors:
-            raise BlobError("could not fetch data from the client: " + "; ".join(errors))
-        return total
+    def _publish(self, digest, kind, tmp):
+        """Load the verified file ``tmp``, then publish it under its name."""
+        self._open.pop(digest, None)
+        with open(tmp, "rb") as f:
+            obj = _map_npy(f) if kind == "npy" else pickle.load(f)
+            st = os.fstat(f.fileno())
+        os.replace(tmp, self.path(digest, kind))
+        self._open[digest] = (_identity(st), obj)
 
     def _evict(self, keep: Container[str]) -> None:
         entries = []
@@ -302,3 +231,152 @@ class NodeCache:
                 raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
         return _Unpickler(io.BytesIO(payload)).load()
+
+
+class _Fetch:
+    """One fetch of missing blobs over a reply queue of the node's own.
+
+    Anyone who can publish to the broker can publish to that queue: a chunk
+    is taken only if it is the next one of a blob this fetch asked for, of
+    the size its signed reference implies (``wire.blobs.chunk_bytes``);
+    anything else is dropped and logged. So the bytes written never exceed
+    the declared sizes, and junk does not keep the fetch alive (only a chunk
+    taken resets its timeout). With a secret each chunk must also carry the
+    client's HMAC (over the digest, its index and its bytes). A blob whose chunks fit but whose digest does
+    not (junk of the right size got in first) is asked for again, up to
+    ``MAX_TRIES`` times. An error the client sends fails the blob unless its
+    data arrives within ``ERROR_GRACE_S`` (it could be forged too).
+    """
+
+    MAX_TRIES = 3
+    ERROR_GRACE_S = 5.0
+
+    def __init__(self, cache, wanted, node, signer=None):
+        self.cache, self.wanted, self.node = cache, wanted, node
+        self.signer = signer if signer is not None and signer.enabled else None
+        self.reply = reply_queue(node)
+        self.files, self.hashers, self.next = {}, {}, {}
+        self.done, self.failed, self.errors = set(), {}, {}
+        self.tries = Counter({d: 1 for d in wanted})
+        self.again = []
+        self.dropped: Counter[str] = Counter()
+        self.total = 0
+        self.progress = 0
+
+    def _drop(self, why):
+        self.dropped[why] += 1
+        if self.dropped[why] <= 3:
+            logger.warning("node %s dropped a data chunk that is not the client's: %s",
+                           self.node, why)  # fmt: skip
+
+    def on_chunk(self, message):
+        message.ack()
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        digest = headers.get("digest")
+        if not isinstance(digest, str) or digest not in self.wanted:
+            return self._drop("no header naming a blob this node asked for")
+        if digest in self.done or digest in self.failed:
+            return None
+        kind, nbytes = self.wanted[digest]
+        if "error" in headers:
+            self.errors.setdefault(digest, (time.monotonic(), str(headers["error"])[:200]))
+            return None
+        index, count, body = headers.get("index"), headers.get("count"), message.body
+        if type(index) is not int or type(count) is not int or headers.get("kind") != kind:
+            return self._drop("malformed headers")
+        if count != chunk_count(nbytes):
+            return self._drop(f"{count} chunks claimed for a {nbytes}-byte blob")
+        if index != self.next.get(digest, 0):
+            return self._drop("chunk out of order")
+        if not isinstance(body, bytes | bytearray) or len(body) != chunk_bytes(nbytes, index):
+            return self._drop("chunk of the wrong size")
+        if self.signer is not None:
+            auth = {"t": headers.get("t"), "mac": headers.get("mac")}
+            try:
+                self.signer.verify("chunk", digest, body, auth, [index, count], check_age=False)
+            except MessageRejected:
+                return self._drop("chunk not signed by the client")
+        if digest not in self.files:
+            tmp = self.cache.directory / f".{digest}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+            self.files[digest] = (tmp, open(tmp, "wb"))
+            self.hashers[digest] = new_digest()
+        self.files[digest][1].write(body)
+        self.hashers[digest].update(body)
+        self.next[digest] = index + 1
+        self.total += len(body)
+        self.progress += 1
+        self.errors.pop(digest, None)
+        if index + 1 < count:
+            return None
+        tmp, f = self.files.pop(digest)
+        f.close()
+        self.next.pop(digest)
+        if self.hashers.pop(digest).hexdigest() == digest:
+            self.cache._publish(digest, kind, tmp)
+            self.done.add(digest)
+            return None
+        tmp.unlink()
+        if self.tries[digest] >= self.MAX_TRIES:
+            self.failed[digest] = f"arrived corrupted {self.tries[digest]} times"
+        else:
+            logger.warning("node %s: blob %s arrived corrupted; asking again", self.node, digest)
+            self.tries[digest] += 1
+            self.again.append(digest)
+        return None
+
+    def _request(self, producer, source, digests):
+        producer.publish(
+            {"digests": sorted(digests), "reply_to": self.reply, "node": self.node},
+            routing_key=source, exchange="", serializer="json", delivery_mode=1,
+        )  # fmt: skip
+
+    def run(self, source, connect):
+        queue = Queue(self.reply, routing_key=self.reply, durable=False, auto_delete=True,
+                      expires=600)  # fmt: skip
+        try:
+            with connect() as conn:
+                queue = queue.bind(conn.default_channel)
+                queue.declare()
+                with conn.Consumer(queue, on_message=self.on_chunk):
+                    producer = conn.Producer()
+                    self._request(producer, source, self.wanted)
+                    self._wait(conn, producer, source)
+                with contextlib.suppress(Exception):
+                    queue.delete()
+        finally:
+            for tmp, f in self.files.values():
+                f.close()
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            if sum(self.dropped.values()):
+                logger.warning("node %s dropped %d chunks that were not the client's (%s)",
+                               self.node, sum(self.dropped.values()), dict(self.dropped))  # fmt: skip
+        if self.failed:
+            raise BlobError("could not fetch data from the client: " + "; ".join(
+                f"{d}: {why}" for d, why in sorted(self.failed.items())))  # fmt: skip
+        return self.total
+
+    def _wait(self, conn, producer, source):
+        deadline = time.monotonic() + FETCH_TIMEOUT_S
+        while len(self.done) + len(self.failed) < len(self.wanted):
+            before = self.progress
+            try:
+                conn.drain_events(timeout=1.0)
+            except TimeoutError:
+                pass
+            if self.again:
+                self._request(producer, source, self.again)
+                self.again = []
+            now = time.monotonic()
+            for digest, (since, error) in list(self.errors.items()):
+                if now - since > self.ERROR_GRACE_S and digest not in self.next:
+                    self.failed[digest] = error
+                    del self.errors[digest]
+            if self.progress != before:
+                # Only a chunk taken counts: junk never keeps a fetch alive.
+                deadline = now + FETCH_TIMEOUT_S
+            elif now > deadline:
+                raise BlobError(
+                    f"the client sent no data for {FETCH_TIMEOUT_S:.0f} s "
+                    f"(queue {source}): is the search still running?"
+                )

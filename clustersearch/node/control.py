@@ -8,7 +8,7 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from ..wire.protocol import INFO_COMMAND, local_versions, node_name
+from ..wire.protocol import INFO_COMMAND, QUEUE_PREFIX, local_versions, node_name
 from ..wire.signing import Signer
 from .pool import pool_watch
 from .settings import CONF_KEY
@@ -41,4 +41,7 @@ def _clustersearch_info(state: Any) -> dict[str, Any]:
     queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
     info = node_info(consumer.hostname, queues, consumer.pool.limit, Signer(settings.secret))
     info["stalled_s"] = pool_watch.stalled_s(consumer.pool.limit)
+    # False once it stopped taking work from its queue (cancel_consumer): a
+    # node that still answers but runs nothing is lost to the client.
+    info["consuming"] = any(q.startswith(QUEUE_PREFIX) for q in queues)
     return info

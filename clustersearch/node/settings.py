@@ -44,6 +44,10 @@ class NodeSettings:
     secret : bytes or None
         The secret shared with the clients (never shown in a repr, so not by
         ``celery inspect conf`` either).
+    allow_remote_control : bool, default=False
+        Obey Celery's state-changing remote control (``shutdown``,
+        ``cancel_consumer``, ``pool_shrink``..., and unsigned ``revoke``) from
+        anyone who can publish to the broker (``node.remote``).
     """
 
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -52,12 +56,14 @@ class NodeSettings:
     max_payload: int = MAX_PAYLOAD_BYTES
     max_age_s: float = DEFAULT_MAX_AGE_S
     secret: bytes | None = field(default=None, repr=False)
+    allow_remote_control: bool = False
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> NodeSettings:
         """The settings ``$CLUSTERSEARCH_*`` give (for ``celery -A
         clustersearch.worker``): CACHE_DIR, CACHE_BYTES,
-        THREADS_PER_PROCESS, MAX_PAYLOAD, MAX_AGE_S, SECRET or SECRET_FILE."""
+        THREADS_PER_PROCESS, MAX_PAYLOAD, MAX_AGE_S, SECRET or SECRET_FILE,
+        ALLOW_REMOTE_CONTROL (1 to allow)."""
         get = environ.get
         secret = get("CLUSTERSEARCH_SECRET") or None
         secret_file = None if secret else get("CLUSTERSEARCH_SECRET_FILE") or None
@@ -68,4 +74,6 @@ class NodeSettings:
             max_payload=parse_size(get("CLUSTERSEARCH_MAX_PAYLOAD") or MAX_PAYLOAD_BYTES),
             max_age_s=float(get("CLUSTERSEARCH_MAX_AGE_S") or DEFAULT_MAX_AGE_S),
             secret=load_secret(secret, secret_file) if (secret or secret_file) else None,
+            allow_remote_control=(get("CLUSTERSEARCH_ALLOW_REMOTE_CONTROL") or "0").lower()
+            in ("1", "true", "yes"),
         )

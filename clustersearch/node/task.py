@@ -9,7 +9,7 @@ import time
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..exceptions import MessageRejected
 from ..wire.protocol import RemoteFailure, node_name
@@ -58,7 +58,7 @@ def runtime(app: Any) -> _Runtime:
     return _runtime
 
 
-def _reject(task_id: str, node: str, why: str) -> None:
+def _reject(task_id: str, node: str, why: str) -> NoReturn:
     logger.error("node %s rejected task %s, nothing in it was run: %s", node, task_id, why)
     raise MessageRejected(f"node {node!r} rejected the task: {why}")
 
@@ -71,6 +71,17 @@ def _seen_marker(cache: NodeCache, task_id: str) -> Path | None:
     return folder / task_id
 
 
+def _blob_refs(blobs: Any) -> list[tuple[str, str, int]] | None:
+    """The task's ``(digest, kind, nbytes)`` references, or None if malformed."""
+    try:
+        refs = [(str(d), str(k), n) for d, k, n in blobs]
+    except (TypeError, ValueError):
+        return None
+    if any(type(n) is not int or n < 0 for _, _, n in refs):
+        return None
+    return refs
+
+
 def run_batch(
     task: Any, payload: Any, source: Any = None, blobs: Any = (), auth: Any = None
 ) -> dict[str, Any]:
@@ -80,7 +91,7 @@ def run_batch(
     unpickled here, not by Celery: a payload that fails verification is
     refused unread, and one that cannot be loaded on this node (a missing
     module, a version mismatch) comes back to the client as an error instead
-    of a dropped message. ``blobs`` lists the ``(digest, kind)`` of the
+    of a dropped message. ``blobs`` lists the ``(digest, kind, nbytes)`` of the
     arrays the payload refers to; those the node lacks are fetched from the
     client's queue ``source`` first.
 
@@ -96,9 +107,8 @@ def run_batch(
     if len(payload) > limit:
         _reject(task_id, node, f"a {len(payload)}-byte payload is over the "
                 f"{limit}-byte limit (--max-payload)")  # fmt: skip
-    try:
-        refs = [(str(d), str(k)) for d, k in blobs]
-    except (TypeError, ValueError):
+    refs = _blob_refs(blobs)
+    if refs is None:
         _reject(task_id, node, "malformed list of data references")
     context = [source, [list(r) for r in refs]]
     try:
@@ -116,7 +126,7 @@ def run_batch(
         from joblib import parallel_config
 
         here.cap_threads()
-        fetched = here.cache.ensure(refs, source, task.app.connection_for_write, node)
+        fetched = here.cache.ensure(refs, source, task.app.connection_for_write, node, signer)
         batch = here.cache.loads(payload)
         # One fit per process: joblib calls made inside a fit run
         # sequentially here (the node's processes already fill its cores).

@@ -8,13 +8,25 @@ the pickler's ``persistent_id``: task messages stay a few kB. A node that
 meets a digest it does not hold asks the client for it over the broker
 (``node.cache.NodeCache``): a JSON request ``{"digests", "reply_to", "node"}``
 to the client's blob queue, answered with raw chunks whose headers are
-``{"digest", "index", "count", "kind"}`` (or ``{"digest", "error"}``).
+``{"digest", "index", "count", "kind"}``, plus ``{"t", "mac"}`` with a
+secret: an HMAC over the digest, the index, the count and the bytes (or
+``{"digest", "error"}``).
+
+Anyone who can publish to the broker can publish to a node's reply queue
+too. The task lists each reference as ``(digest, kind, nbytes)`` under its
+signature, so the node knows how many chunks of which sizes to expect
+(:func:`chunk_bytes`) and drops any other; what it accepts never exceeds the
+declared size, and the data is checked against its digest. The reply queue
+is named after the node (:func:`reply_queue`), and the client sends chunks
+only to reply queues of its own nodes (:func:`reply_queue_node`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import uuid
 from pathlib import Path
 
 from ..exceptions import ConfigurationError
@@ -25,9 +37,13 @@ __all__ = [
     "MIN_BLOB_BYTES",
     "RAW",
     "TAG",
+    "chunk_bytes",
+    "chunk_count",
     "default_cache_dir",
     "new_digest",
     "parse_size",
+    "reply_queue",
+    "reply_queue_node",
 ]
 
 TAG = "clustersearch-blob"
@@ -40,6 +56,29 @@ RAW = "application/octet-stream"
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 
 _HASH_BYTES = 16
+_REPLY_PREFIX = "clustersearch.reply."
+_REPLY_QUEUE = re.compile(re.escape(_REPLY_PREFIX) + r"(.+)\.[0-9a-f]{32}")
+
+
+def chunk_count(nbytes: int) -> int:
+    """How many chunks carry a blob of ``nbytes`` (one, empty, for 0)."""
+    return max(1, -(-nbytes // CHUNK_BYTES))
+
+
+def chunk_bytes(nbytes: int, index: int) -> int:
+    """The size of chunk ``index`` of a blob of ``nbytes``."""
+    return max(0, min(CHUNK_BYTES, nbytes - index * CHUNK_BYTES))
+
+
+def reply_queue(node: str) -> str:
+    """A fresh reply queue for one fetch of node ``node``."""
+    return f"{_REPLY_PREFIX}{node}.{uuid.uuid4().hex}"
+
+
+def reply_queue_node(name: object) -> str | None:
+    """The node a reply queue name belongs to, or None if it is not one."""
+    match = _REPLY_QUEUE.fullmatch(name) if isinstance(name, str) else None
+    return match.group(1) if match else None
 
 
 def new_digest() -> hashlib.blake2b:

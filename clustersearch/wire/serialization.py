@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
         def persistent_id(self, obj: Any) -> tuple[str, str, str] | None: ...
 
+        def get(self, digest: str) -> Any: ...
+
 
 def _installed_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
@@ -83,7 +85,7 @@ class _Pickler(cloudpickle.CloudPickler):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.table = table
         self.drop = drop
-        self.refs: dict[str, str] = {}
+        self.refs: dict[str, tuple[str, int]] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         # What the nodes do not use, sent as None: scikit-learn passes the
@@ -113,7 +115,7 @@ class _Pickler(cloudpickle.CloudPickler):
     def persistent_id(self, obj: Any) -> tuple[str, str, str] | None:
         ref = self.table.persistent_id(obj)
         if ref is not None:
-            self.refs[ref[1]] = ref[2]
+            self.refs[ref[1]] = (ref[2], self.table.get(ref[1]).nbytes)
         return ref
 
 
@@ -127,17 +129,17 @@ def dumps(obj: Any) -> bytes:
 
 def dumps_with_blobs(
     obj: Any, table: BlobTable, drop: object = None
-) -> tuple[bytes, list[tuple[str, str]]]:
+) -> tuple[bytes, list[tuple[str, str, int]]]:
     """Serialize ``obj`` with its large arrays left in ``table``.
 
     ``drop``, wherever it occurs in ``obj``, is sent as None. Returns the
-    payload and the ``(digest, kind)`` pairs it references.
+    payload and the ``(digest, kind, nbytes)`` of the blobs it references.
     """
     _send_user_modules_by_value()
     buffer = io.BytesIO()
     pickler = _Pickler(buffer, table, drop)
     pickler.dump(obj)
-    return buffer.getvalue(), sorted(pickler.refs.items())
+    return buffer.getvalue(), sorted((d, k, n) for d, (k, n) in pickler.refs.items())
 
 
 def loads(data: bytes) -> Any:
