@@ -24,7 +24,7 @@ class Work:
         callback: Callable[[Future], Any] | None,
         n_calls: int,
         error: BaseException | None = None,
-        refs: Sequence[tuple[str, str]] = (),
+        refs: Sequence[tuple[str, str, int]] = (),
         batch: Any = None,
     ) -> None:
         self.payload = payload
