@@ -95,8 +95,8 @@ class NodeInfo:
         if not isinstance(info, dict):
             raise ValueError(f"the reply is a {type(info).__name__}, not a dict")
         name = _field(info, "node", str, required=True)
-        if not name or "/" in name:
-            raise ValueError(f"node name {name!r} is not a node name")
+        if not name or "/" in name or len(name) > 200:
+            raise ValueError("the node name is empty, too long or has a '/'")
         queues = _field(info, "queues", list) or []
         queues = [q for q in queues if isinstance(q, str) and q.startswith("clustersearch.")]
         concurrency = _field(info, "concurrency", int, required=True)
@@ -130,7 +130,8 @@ def _field(info: dict, key: str, kind: Any, required: bool = False) -> Any:
         return None
     # bool is an int to isinstance: a concurrency of True is not one.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ValueError(f"{key!r} is {value!r}, not {getattr(kind, '__name__', kind)}")
+        # The value is the sender's: not repeated.
+        raise ValueError(f"{key!r} is a {type(value).__name__}, not {getattr(kind, '__name__', kind)}")
     return value
 
 
