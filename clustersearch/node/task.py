@@ -166,7 +166,7 @@ class SignedLostRequest(Request):
     worker-lost that verifies (``client/dispatch.py``).
     """
 
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False):
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
