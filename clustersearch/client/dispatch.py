@@ -257,7 +257,7 @@ class Dispatcher:
         if is_worker_lost(value):
             if not signer.enabled:
                 return "lost", str(value)
-            args = getattr(value, "args", ())
+            args: tuple[Any, ...] = tuple(getattr(value, "args", ()))
             what = args[0] if args and isinstance(args[0], str) else ""
             try:
                 auth = args[1] if len(args) == 2 else None
