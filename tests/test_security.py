@@ -118,10 +118,12 @@ def _publish_raw(cluster, body, content_type, encoding="utf-8"):
 def _signed(cluster, payload, *, task_id=None, signed_at=None):
     task_id = task_id or str(uuid.uuid4())
     signer = Signer(cluster.secret.encode())
+    # Signed for the node it is sent to (node/task.py refuses it elsewhere).
+    context = [None, [], _node(cluster).name]
     if signed_at is None:
-        auth = signer.sign("task", task_id, payload, [None, []])
+        auth = signer.sign("task", task_id, payload, context)
     else:
-        auth = {"t": signed_at, "mac": signer._mac("task", task_id, signed_at, [None, []], payload)}
+        auth = {"t": signed_at, "mac": signer._mac("task", task_id, signed_at, context, payload)}
     return task_id, auth
 
 

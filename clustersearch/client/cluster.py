@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,8 +70,10 @@ class NodeInfo:
     versions : dict
         Python, clustersearch, scikit-learn, numpy, joblib, celery and
         cloudpickle.
-    secret : str or None
-        A fingerprint of the node's secret (None: it accepts unsigned work).
+    signed : bool
+        Whether the node requires signed work. A client with a secret admits
+        such a node only once it answered a fresh challenge with that secret
+        (:meth:`Cluster.nodes`).
     stalled_s : float
         For how long the node's pool has started no task while one waited and
         a process was free (0 for a healthy node).
@@ -86,27 +89,57 @@ class NodeInfo:
     host: str
     cpu_count: int
     pid: int
-    versions: dict[str, str] = field(default_factory=dict, compare=False)
-    secret: str | None = field(default=None, compare=False)
+    versions: dict = field(default_factory=dict, compare=False)
+    signed: bool = field(default=False, compare=False)
     stalled_s: float = field(default=0.0, compare=False)
     consuming: bool = field(default=True, compare=False)
 
     @classmethod
-    def from_reply(cls, info: dict[str, Any]) -> NodeInfo:
-        queues = [q for q in info.get("queues", []) if q.startswith("clustersearch.")]
+    def from_reply(cls, info: Any) -> NodeInfo:
+        """The node an info reply describes; ValueError (saying what is
+        wrong) for a reply that is not a valid one: the client ignores it."""
+        if not isinstance(info, dict):
+            raise ValueError(f"the reply is a {type(info).__name__}, not a dict")
+        name = _field(info, "node", str, required=True)
+        if not name or "/" in name or len(name) > 200:
+            raise ValueError("the node name is empty, too long or has a '/'")
+        queues = _field(info, "queues", list) or []
+        queues = [q for q in queues if isinstance(q, str) and q.startswith("clustersearch.")]
+        concurrency = _field(info, "concurrency", int, required=True)
+        if concurrency < 1:
+            raise ValueError(f"concurrency {concurrency!r} is not at least 1")
+        stalled = _field(info, "stalled_s", (int, float)) or 0.0
+        if not 0 <= stalled < float("inf"):
+            raise ValueError(f"stalled_s {stalled!r} is not a duration")
+        versions = _field(info, "versions", dict) or {}
+        if not all(isinstance(k, str) and isinstance(v, str | None) for k, v in versions.items()):
+            raise ValueError("versions is not a mapping of names to version strings")
         return cls(
-            name=info["node"],
-            queue=queues[0] if queues else queue_for(info["node"]),
-            concurrency=int(info["concurrency"]),
-            hostname=info.get("hostname") or info["node"],
-            host=info.get("host", ""),
-            cpu_count=int(info.get("cpu_count") or 0),
-            pid=int(info.get("pid") or 0),
-            versions=dict(info.get("versions", {})),
-            secret=info.get("secret"),
-            stalled_s=float(info.get("stalled_s") or 0.0),
-            consuming=info.get("consuming") is not False,
+            name=name,
+            queue=queues[0] if queues else queue_for(name),
+            concurrency=concurrency,
+            hostname=_field(info, "hostname", str) or name,
+            host=_field(info, "host", str) or "",
+            cpu_count=_field(info, "cpu_count", int) or 0,
+            pid=_field(info, "pid", int) or 0,
+            versions=versions,
+            signed=bool(_field(info, "signed", bool)),
+            consuming=_field(info, "consuming", bool) is not False,
+            stalled_s=float(stalled),
         )
+
+
+def _field(info: dict, key: str, kind: Any, required: bool = False) -> Any:
+    value = info.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"{key!r} is missing")
+        return None
+    # bool is an int to isinstance: a concurrency of True is not one.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        # The value is the sender's: not repeated.
+        raise ValueError(f"{key!r} is a {type(value).__name__}, not {getattr(kind, '__name__', kind)}")
+    return value
 
 
 def redact(url: str) -> str:
@@ -195,6 +228,7 @@ class Cluster:
         self._app: Celery | None = None
         self._app_lock = threading.Lock()
         self._checked = False
+        self._refused: list[NodeInfo] = []
 
     def __getattr__(self, name: str) -> Any:
         # The policy's settings read as the cluster's own (cluster.max_retries).
@@ -227,6 +261,7 @@ class Cluster:
         self.__dict__.setdefault("_app", None)
         self.__dict__.setdefault("_app_lock", threading.Lock())
         self.__dict__.setdefault("_checked", False)
+        self.__dict__.setdefault("_refused", [])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self.broker_url)!r})"
@@ -296,12 +331,30 @@ class Cluster:
         if not self._checked:
             self.check_connection()
             self._checked = True
+        timeout = self.policy.discovery_timeout if timeout is None else timeout
+        scope = self._broadcast_scope()
+        found, refused, ignored = self._ask(timeout, scope)
+        if ignored and len(found) < scope.get("limit", 0):
+            # Bad or forged replies may have taken the places of real ones
+            # among the first ``limit``: ask again, and wait out the timeout.
+            scope = {k: v for k, v in scope.items() if k != "limit"}
+            found, refused, ignored = self._ask(timeout, scope)
+        self._refused = [refused[name] for name in sorted(set(refused) - set(found))]
+        return [found[name] for name in sorted(found)]
+
+    def _ask(self, timeout: float, scope: dict) -> tuple[dict, dict, int]:
+        """One info broadcast: the valid nodes, those that failed the
+        challenge, and how many replies were ignored."""
+        # The challenge: a node with a secret answers with an HMAC over this
+        # fresh nonce and its whole reply (node/control.py, sign_info).
+        nonce = secrets.token_hex(16)
         ask = functools.partial(
             self.app.control.broadcast,
             INFO_COMMAND,
+            arguments={"nonce": nonce},
             reply=True,
-            timeout=self.policy.discovery_timeout if timeout is None else timeout,
-            **self._broadcast_scope(),
+            timeout=timeout,
+            **scope,
         )
         try:
             replies = ask()
@@ -311,13 +364,31 @@ class Cluster:
             # A pooled connection that died with the broker (a restart since
             # the last search) fails once; the pool reconnects on next use.
             replies = ask()
-        found: dict[str, NodeInfo] = {}
+        found, refused, ignored = {}, {}, 0
         for reply in replies or ():
-            for info in reply.values():
-                if isinstance(info, dict) and "node" in info:
+            for info in reply.values() if isinstance(reply, dict) else (reply,):
+                try:
                     node = NodeInfo.from_reply(info)
-                    found[node.name] = node
-        return [found[name] for name in sorted(found)]
+                except ValueError as exc:
+                    ignored += 1
+                    logger.warning("ignored an info reply that is not a valid node's: %s", exc)
+                    continue
+                if self._signer.enabled and not (
+                    node.signed and self._signer.check_proof(nonce, info)
+                ):
+                    # No secret, another one, or a reply replayed or forged
+                    # by someone who can publish to the broker.
+                    ignored += 1
+                    logger.warning(
+                        "ignored node %r: its reply does not prove this client's secret "
+                        "(%s)", node.name,
+                        "another secret, or a forged or replayed reply" if node.signed
+                        else "it says it has no secret",
+                    )  # fmt: skip
+                    refused[node.name] = node
+                    continue
+                found[node.name] = node
+        return found, refused, ignored
 
     def _broadcast_scope(self) -> dict[str, Any]:
         return {}
@@ -330,6 +401,14 @@ class Cluster:
             logger.warning("nodes %s answer but do not consume their queues (a remote "
                            "cancel_consumer?): left out; restart them", idle)  # fmt: skip
             nodes = [node for node in nodes if node.consuming]
+        if not nodes and self._refused:
+            # Says so when a node has no secret; else a wrong proof.
+            check_nodes(self._refused[:1], self._signer, check_versions=False)
+            raise SecretMismatchError(
+                f"node {self._refused[0].name!r} cannot take work: it holds a different "
+                "secret than this client (its answer to the challenge does not match "
+                "this client's secret), or its reply was forged"
+            )
         if not nodes:
             raise NoWorkersError(
                 f"no clustersearch node answered on {redact(self.broker_url)!r} "
@@ -421,18 +500,16 @@ def check_nodes(
     """Refuse, before any work is sent, nodes this client cannot work with:
     another secret, or versions that could change results or break
     unpickling."""
-    mine = signer.fingerprint()
     for node in nodes:
-        if node.secret != mine:
-            if mine is None:
+        # Cluster.nodes admits a signed node only with a valid proof.
+        if node.signed != signer.enabled:
+            if not signer.enabled:
                 why = ("it requires signed work and this client has no secret: pass "
                        "Cluster(secret=...) or set CLUSTERSEARCH_SECRET")  # fmt: skip
-            elif node.secret is None:
+            else:
                 why = ("this client signs its work but the node has no secret: start "
                        "it with 'clustersearch worker --secret-file FILE' holding the "
                        "same secret")  # fmt: skip
-            else:
-                why = "it holds a different secret than this client"
             raise SecretMismatchError(f"node {node.name!r} cannot take work: {why}")
     if not check_versions:
         return

@@ -146,8 +146,9 @@ class Dispatcher:
                     kwargs={
                         "source": source,
                         "blobs": refs,
+                        # Signed for this node only (node/task.py).
                         "auth": session.signer.sign("task", work.task_id, work.payload,
-                                                    [source, refs]),
+                                                    [source, refs, node]),
                     },  # fmt: skip
                     task_id=work.task_id,
                     queue=session.members.nodes[node].queue,
@@ -207,30 +208,75 @@ class Dispatcher:
                 return
             work, node = copy.work, copy.node
             session.members.released(node)
-            if result.state != states.SUCCESS:
+            # Verified before anything else, whatever it claims to be.
+            verdict, what = self.check_result(result, node)
+            if verdict == "rejected":
+                self.failures.rejected_result(work, node, what)
+                # The node may never have got the task (a competing consumer
+                # took it), or may still run it: its result no longer counts.
+                revoke = [result.id]
+            elif verdict in ("lost", "failed"):
                 # Not a fit's outcome (a fit's exception comes back as a
-                # value): the worker process died, or the node refused the
-                # task, e.g. a message RabbitMQ delivered again after a
-                # restart lost its acknowledgement, which the node had run.
-                if is_worker_lost(result.result):
-                    what = f"its worker process died ({result.result})"
-                else:
-                    what = f"the node refused it ({result.state}: {result.result!r})"
+                # value): the worker process died, or (without a secret) the
+                # node failed the task in Celery: retried like a lost fit.
+                if verdict == "failed":
+                    what = f"the node failed it in Celery ({result.state}: {result.result!r})"
                     logger.warning("node %r: %s", node, what)
                     session.stats.event("task-refused", node, why=what)
+                else:
+                    what = f"its worker process died ({what})"
                 if not self.has_copy(work):
                     self.failures.failed_try(work, node, what)
-                return
-            # The first copy to finish wins; the other is revoked.
-            revoke = self.drop_copies(work)
-            if not revoke and not work.backed_up:
-                self.failures.durations.append(time.monotonic() - copy.sent_at)
+            else:
+                # The first copy to finish wins; the other is revoked.
+                revoke = self.drop_copies(work)
+                if not revoke and not work.backed_up:
+                    self.failures.durations.append(time.monotonic() - copy.sent_at)
         if revoke:
             self.revoke(revoke)
+        if verdict != "result":
+            return
         # The copy that won: its result is verified against its own task id.
         work.task_id, work.node = result.id, node
         work.result = result.result
         session.finished.append(work)
+
+    def check_result(self, result: Any, node: str) -> tuple[str, str]:
+        """What a result that came back for a copy sent to ``node`` is:
+        ``("result", "")`` a signed result (checked again when opened),
+        ``("lost", why)`` a signed worker-lost report, ``("failed", "")`` a
+        Celery failure (without a secret only), ``("rejected", why)``
+        anything else: it is dropped, never used."""
+        signer = self.session.signer
+        value = result.result
+        if result.state == states.SUCCESS:
+            if not isinstance(value, dict) or not isinstance(value.get("payload"), bytes):
+                return "rejected", (
+                    f"not a clustersearch result ({type(value).__name__}): is the "
+                    "node running the same version?"
+                )
+            try:
+                signer.verify("result", result.id, value["payload"], value.get("auth"))
+            except MessageRejected as exc:
+                return "rejected", str(exc)
+            return "result", ""
+        if is_worker_lost(value):
+            if not signer.enabled:
+                return "lost", str(value)
+            args: tuple[Any, ...] = tuple(getattr(value, "args", ()))
+            what = args[0] if args and isinstance(args[0], str) else ""
+            try:
+                auth = args[1] if len(args) == 2 else None
+                signer.verify("lost", result.id, what.encode(), auth, node)
+            except MessageRejected as exc:
+                return "rejected", f"worker-lost report refused: {exc}"
+            return "lost", what
+        if signer.enabled:
+            # A failure stored by Celery (not by our task, which sends
+            # failures back as signed results): anyone could have sent it.
+            # Its text is the sender's: not repeated.
+            return "rejected", f"unsigned {result.state} ({type(value).__name__}) refused"
+        return "failed", ""
 
     def _finish_ready(self) -> None:
         session, stats = self.session, self.session.stats

@@ -21,7 +21,7 @@ from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
 from .._compat import is_rpc_backend, result_consumer_connection
-from ..exceptions import NodeFailureError
+from ..exceptions import MessageRejected, NodeFailureError
 from .recovery import (
     backups,
     deadline_error,
@@ -146,6 +146,32 @@ class Failures:
         whole = Whole(session.finished, work, len(parts))
         for index, part in enumerate(parts):
             session.submit(part, Part(whole, index))
+
+    def rejected_result(self, work: Work, node: str, why: str) -> None:
+        """A result for a copy of ``work`` in flight failed verification
+        (unsigned, wrongly signed, not ours): dropped, never counted. The
+        work waits for its other copy, or is sent again, preferably to
+        another node; after ``2 * (max_retries + 1)`` such results the batch
+        fails with MessageRejected, so that a flood cannot loop forever.
+        Called with the session's lock held."""
+        session = self.session
+        logger.warning("dropped a result for work sent to node %r: %s", node, why)
+        session.stats.event("rejected-result", node, why=why)
+        if self.dispatcher.has_copy(work):
+            return
+        work.rejected += 1
+        if work.rejected > 2 * (session.policy.max_retries + 1):
+            work.error = MessageRejected(
+                f"the results of a batch of {work.n_calls} fit(s) were refused "
+                f"{work.rejected} times (the last one from node {node!r}: {why}); it is "
+                "not sent again. Someone who can publish to the broker may be forging "
+                "results, or a node runs another version or secret: see its log"
+            )
+            session.finished.append(work)
+            return
+        work.avoid = work.avoid | {node}
+        session.pending.appendleft(work)
+        session.wake.set()
 
     def _give_up(self, work: Work) -> None:
         session = self.session

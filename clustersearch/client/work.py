@@ -15,7 +15,7 @@ class Work:
 
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
-        "task_id", "batch", "tries", "avoid", "backed_up",
+        "task_id", "batch", "tries", "avoid", "backed_up", "rejected",
     )  # fmt: skip
 
     def __init__(
@@ -41,6 +41,7 @@ class Work:
         self.tries: list[tuple[str | None, str]] | None = None  # (node, what happened)
         self.avoid: set[str] = set()  # nodes it should not go back to
         self.backed_up = False  # a second copy was sent
+        self.rejected = 0  # results that failed verification (dropped)
 
 
 @dataclass(eq=False)

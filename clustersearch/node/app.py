@@ -11,7 +11,7 @@ from . import control  # noqa: F401  (registers the info command)
 from .guard import install_fit_guard
 from .remote import ControlGuard
 from .settings import CONF_KEY, NodeSettings
-from .task import run_batch
+from .task import SignedLostRequest, run_batch
 
 __all__ = ["create_node_app"]
 
@@ -35,6 +35,7 @@ def create_node_app(
         }
     )
     app.steps["consumer"].add(ControlGuard)
-    app.task(name=TASK_NAME, bind=True, shared=False)(run_batch)
+    # The worker-lost failure the main process stores is signed (task.py).
+    app.task(name=TASK_NAME, bind=True, shared=False, Request=SignedLostRequest)(run_batch)
     worker_process_init.connect(install_fit_guard, weak=False, dispatch_uid=STOP_SIGNAL)
     return app

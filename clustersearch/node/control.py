@@ -13,7 +13,7 @@ from ..wire.signing import Signer
 from .pool import pool_watch
 from .settings import CONF_KEY
 
-__all__ = ["node_info"]
+__all__ = ["node_info", "sign_info"]
 
 
 def node_info(
@@ -29,19 +29,31 @@ def node_info(
         "cpu_count": os.cpu_count(),
         "pid": os.getpid(),
         "versions": local_versions(),
-        # Which secret the node holds (None: it accepts unsigned work).
-        "secret": signer.fingerprint(),
+        # Whether the node requires signed work. Which secret it holds is
+        # proved by answering the client's challenge (sign_info), never told.
+        "signed": signer.enabled,
     }
 
 
-@inspect_command(name=INFO_COMMAND)
-def _clustersearch_info(state: Any) -> dict[str, Any]:
+def sign_info(info: dict[str, Any], signer: Signer, nonce: Any) -> dict[str, Any]:
+    """Add the answer to the client's challenge ``nonce``: an HMAC over the
+    nonce and the whole reply (``Signer.prove``). Call it last: a field
+    added after it is not covered and fails the client's check."""
+    if signer.enabled and isinstance(nonce, str) and nonce:
+        info["proof"] = signer.prove(nonce, info)
+    return info
+
+
+@inspect_command(name=INFO_COMMAND, args=[("nonce", str)], signature="[nonce]")
+def _clustersearch_info(state: Any, nonce: Any = None) -> dict[str, Any]:
     consumer = state.consumer
     settings = state.app.conf[CONF_KEY]
     queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
-    info = node_info(consumer.hostname, queues, consumer.pool.limit, Signer(settings.secret))
+    signer = Signer(settings.secret)
+    info = node_info(consumer.hostname, queues, consumer.pool.limit, signer)
     info["stalled_s"] = pool_watch.stalled_s(consumer.pool.limit)
     # False once it stopped taking work from its queue (cancel_consumer): a
     # node that still answers but runs nothing is lost to the client.
     info["consuming"] = any(q.startswith(QUEUE_PREFIX) for q in queues)
-    return info
+    # Signed last: the proof covers every field above.
+    return sign_info(info, signer, nonce)

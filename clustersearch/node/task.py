@@ -8,9 +8,12 @@ import os
 import time
 from contextlib import redirect_stdout
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from celery.worker.request import Request
+
+from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
 from ..wire.protocol import RemoteFailure, node_name
 from ..wire.serialization import dumps
@@ -19,7 +22,7 @@ from .cache import NodeCache
 from .guard import fit_guard
 from .settings import CONF_KEY, NodeSettings
 
-__all__ = ["run_batch"]
+__all__ = ["SignedLostRequest", "run_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +66,19 @@ def _reject(task_id: str, node: str, why: str) -> NoReturn:
     raise MessageRejected(f"node {node!r} rejected the task: {why}")
 
 
-def _seen_marker(cache: NodeCache, task_id: str) -> Path | None:
+def _claim(cache: NodeCache, task_id: str) -> bool:
+    """Mark ``task_id`` as run here, atomically, before it runs: False when
+    it already was (a replayed message), even by another process of this
+    node at the same moment."""
     folder = cache.directory / ".seen"
     folder.mkdir(exist_ok=True)
     if not task_id or "/" in task_id or task_id.startswith("."):
-        return None
-    return folder / task_id
+        return False
+    try:
+        os.close(os.open(folder / task_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _blob_refs(blobs: Any) -> list[tuple[str, str, int]] | None:
@@ -110,13 +120,13 @@ def run_batch(
     refs = _blob_refs(blobs)
     if refs is None:
         _reject(task_id, node, "malformed list of data references")
-    context = [source, [list(r) for r in refs]]
+    # Signed for this node: another node refuses it.
+    context = [source, [list(r) for r in refs], node]
     try:
         signer.verify("task", task_id, payload, auth, context)
     except MessageRejected as exc:
         _reject(task_id, node, str(exc))
-    marker = _seen_marker(here.cache, task_id) if signer.enabled else None
-    if marker is not None and marker.exists():
+    if signer.enabled and not _claim(here.cache, task_id):
         _reject(task_id, node, "this task id already ran here (a replayed message)")
 
     started = time.time()
@@ -153,6 +163,42 @@ def run_batch(
     except Exception as exc:
         result["output"] = RemoteFailure(exc, node)
         data = dumps(result)
-    if marker is not None:
-        marker.touch()
     return {"payload": data, "auth": signer.sign("result", task_id, data)}
+
+
+class SignedLostRequest(Request):
+    """Celery's request, with the worker-lost failure signed.
+
+    When a pool process dies running a task, the node's main process (not
+    the dead one) stores a ``WorkerLostError`` FAILURE for it, and the client
+    retries the work. Anyone who can publish to the result backend could
+    send that FAILURE too; so, with a secret, the node adds a signature
+    over the task id, its own name and the message as the error's second
+    argument (``Signer.sign("lost", ...)``), and the client retries only a
+    worker-lost that verifies (``client/dispatch.py``).
+    """
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError):
+            exc_info = self._signed_lost(exc)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    def _worker_lost_info(self, exc: BaseException) -> Any:
+        # Celery's own path for a process that reported its exit (SystemExit)
+        # before it ended: the WorkerLostError it makes, signed.
+        info = super()._worker_lost_info(exc)
+        return self._signed_lost(info.exception)
+
+    def _signed_lost(self, exc: BaseException) -> Any:
+        signer = Signer(self.task.app.conf[CONF_KEY].secret)
+        what = str(exc.args[0]) if exc.args else "the worker process died"
+        if signer.enabled:
+            node = node_name(self.hostname)
+            exc = WorkerLostError(what, signer.sign("lost", self.id, what.encode(), node))
+        try:
+            raise exc
+        except WorkerLostError:
+            return ExceptionInfo()

@@ -9,7 +9,12 @@ the remote-control channel), never a pickle. What is signed:
 - a task: ``"task"``, its Celery task id, the time it was signed, where the
   node fetches the data it references and their digests (so the data, which
   is checked against its digest, is covered too), and the payload;
-- a result: ``"result"``, the task id, the time, and the payload.
+- a task also names the node it is for: another node refuses it;
+- a result: ``"result"``, the task id, the time, and the payload;
+- a worker-lost report (a node's pool process died running a task):
+  ``"lost"``, the task id, the time, the node and Celery's message;
+- a node's info reply: ``"info"``, the client's fresh nonce (the challenge
+  of that broadcast), the node's name and the whole reply (``proof``).
 
 The kind and the task id in the signed bytes keep a result from passing for
 a task, and a payload from passing under another task's id. A task older
@@ -90,12 +95,26 @@ class Signer:
     def enabled(self) -> bool:
         return self.secret is not None
 
-    def fingerprint(self) -> str | None:
-        """A value that tells whether two parties hold the same secret,
-        without revealing it."""
-        if self.secret is None:
+    def prove(self, nonce: str, info: dict) -> str | None:
+        """A node's answer to the client's challenge ``nonce``: an HMAC over
+        the nonce, the node's name and everything else its info reply holds
+        (but ``proof``). Replaying a captured reply fails (a fresh nonce per
+        broadcast), and nothing in it tells anything about the secret."""
+        if self.secret is None or not nonce:
             return None
-        return hmac.new(self.secret, b"clustersearch-fingerprint", hashlib.sha256).hexdigest()[:16]
+        content = {k: v for k, v in info.items() if k != "proof"}
+        return self._mac("info", str(nonce), 0.0, [info.get("node"), content], b"")
+
+    def check_proof(self, nonce: str, info: dict) -> bool:
+        """Whether ``info`` answers the challenge ``nonce`` with this secret."""
+        proof = info.get("proof")
+        if self.secret is None or not isinstance(proof, str):
+            return False
+        try:
+            expected = self.prove(nonce, info)
+        except (TypeError, ValueError):
+            return False
+        return expected is not None and hmac.compare_digest(expected, proof)
 
     def _mac(
         self, kind: str, task_id: str, signed_at: float, context: Any, payload: bytes
