@@ -184,13 +184,20 @@ def test_celery_active_requests_counts():
 def test_celery_pidbox_handlers_of_a_worker_consumer():
     # A real (unstarted) worker of a node app: its mailbox gets the guarded
     # handler table; Celery's global table is left alone.
+    import celery._state
     from celery.worker.control import Panel
 
     from clustersearch.node.app import create_node_app
     from clustersearch.node.settings import NodeSettings
 
     app = create_node_app("memory://", settings=NodeSettings(secret=b"s" * 32))
-    worker = app.WorkController(pool_cls="solo", hostname="compat@test", concurrency=1)
+    blocks = celery._state.task_join_will_block()
+    try:
+        worker = app.WorkController(pool_cls="solo", hostname="compat@test", concurrency=1)
+    finally:
+        # Building a worker tells Celery this process runs tasks, and every
+        # later AsyncResult.get() in the test session would refuse to wait.
+        celery._state._set_task_join_will_block(blocks)
     node = _compat.pidbox_node(worker.consumer)
     assert node is not None, "the consumer's Control step no longer has .box.node"
     assert isinstance(node.handlers, dict), "kombu.pidbox.Node.handlers is no longer a dict"
