@@ -289,7 +289,7 @@ def test_cli_rejects_a_bad_cache_size(tmp_path):
 def _blob_files(cluster, X):
     """The cache files holding ``X`` (by its content hash) in ``cluster``'s cache."""
     _, refs = dumps_with_blobs(X, BlobTable())
-    (digest, kind), = refs
+    (digest, kind, _nbytes), = refs
     return list(Path(cluster.cache_dir).glob(f"{digest}.{kind}"))
 
 
