@@ -337,8 +337,10 @@ class Cluster:
         if ignored and len(found) < scope.get("limit", 0):
             # Bad or forged replies may have taken the places of real ones
             # among the first ``limit``: ask again, and wait out the timeout.
+            # Those already proven stay (a busy node may answer late twice).
             scope = {k: v for k, v in scope.items() if k != "limit"}
-            found, refused, ignored = self._ask(timeout, scope)
+            more, also_refused, ignored = self._ask(timeout, scope)
+            found, refused = {**found, **more}, {**refused, **also_refused}
         self._refused = [refused[name] for name in sorted(set(refused) - set(found))]
         return [found[name] for name in sorted(found)]
 
