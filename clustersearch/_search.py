@@ -119,12 +119,13 @@ class _ClusterSearchMixin(_SearchBase):
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
         cluster = resolve_cluster(self.cluster)
-        _check_picklable(self, params)
+        callbacks = _callbacks(self)
+        _check_picklable(self, params, whole=bool(callbacks))
         # scikit-learn passes the search itself to every fit, for callbacks
         # only: without callbacks it stays here (its cv may be a generator).
-        drop = None if _has_callbacks(self) else self
+        drop = None if callbacks else self
         with cluster.session(verbose=self.verbose, drop=drop) as session:
-            _check_callbacks(self, session.nodes.values())
+            _check_callbacks(callbacks, session.nodes.values())
             # Only the search's own Parallel goes to the cluster; the refit
             # (and anything else in the client) stays local.
             with parallel_config(backend=ClusterBackend(session, first_only=True)):
@@ -188,19 +189,15 @@ def _callbacks(search: BaseEstimator) -> list[tuple[str, str]]:
     ]
 
 
-def _has_callbacks(search: BaseEstimator) -> bool:
-    return bool(_callbacks(search))
-
-
-def _check_callbacks(search: BaseEstimator, nodes: Iterable[NodeInfo]) -> None:
+def _check_callbacks(found: list[tuple[str, str]], nodes: Iterable[NodeInfo]) -> None:
     """Refuse scikit-learn callbacks that the nodes could not report back.
 
     A callback's copy in a worker reports to the client over a local socket
     (``sklearn.callback``): a node on another machine cannot reach it, and
     every fit there would fail inside the callback (an ``error_score`` entry,
-    or the search's end). Nodes on this machine reach it.
+    or the search's end). Nodes on this machine reach it. ``found`` is what
+    :func:`_callbacks` returns.
     """
-    found = _callbacks(search)
     if not found:
         return
     here = socket.gethostname()
@@ -221,15 +218,17 @@ def _check_callbacks(search: BaseEstimator, nodes: Iterable[NodeInfo]) -> None:
 _STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose"}
 
 
-def _check_picklable(search: BaseEstimator, fit_params: Mapping[str, Any]) -> None:
+def _check_picklable(
+    search: BaseEstimator, fit_params: Mapping[str, Any], *, whole: bool = False
+) -> None:
     """Name what cannot travel to the nodes, before anything is sent.
 
     A task carries a clone of the estimator with a candidate's parameters,
     the scorers, ``error_score`` and the fit params; with scikit-learn
-    callbacks set, the search itself too.
+    callbacks set (``whole``), the search itself too.
     """
     travels = search.get_params(deep=False)
-    if not _has_callbacks(search):
+    if not whole:
         travels = {k: v for k, v in travels.items() if k not in _STAYS_HERE}
     for name, value in travels.items():
         _raise_if_unpicklable(name, value)
