@@ -142,7 +142,7 @@ def run_batch(
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
         # client, which prints it there.
-        with fit_guard.fit(), parallel_config(backend="sequential"):
+        with fit_guard.fit(task_id, here.cache.directory), parallel_config(backend="sequential"):
             with redirect_stdout(printed):
                 output = batch()
     except BaseException as exc:
