@@ -71,6 +71,14 @@ _TRAFFIC_DOC = """\
     message_bytes_per_node_ : dict of str -> int
         Bytes of task messages (estimators, parameters, references to the
         data) sent to each node.
+    fit_timeline_ : dict
+        Where and when each task of fits ran: ``"tasks"``, one dict per
+        task whose result counted (``node``, ``pid``, ``fits``, ``sent``,
+        ``start``, ``end``, ``received`` in seconds since ``fit`` began, on
+        the client's clock, nodes' clocks corrected by ``"clock_offsets"``;
+        ``backup`` and the earlier ``tries``), and ``"events"``: nodes lost,
+        joined, stragglers, retries (``time``, ``event``, ``node``, ...).
+        :meth:`export_chrome_trace` writes it for Perfetto.
 """
 
 _CLUSTER_DOC = """
@@ -96,6 +104,7 @@ class _ClusterSearchMixin(_SearchBase):
         fit_processes_: dict[str, list[int]]
         data_bytes_per_node_: dict[str, int]
         message_bytes_per_node_: dict[str, int]
+        fit_timeline_: dict[str, Any]
 
     def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> Self:
         """Run fit with all sets of parameters, every fit on the cluster.
@@ -139,9 +148,17 @@ class _ClusterSearchMixin(_SearchBase):
         nodes = sorted(set(session.tasks_per_node) | set(session.data_bytes_per_node))
         self.data_bytes_per_node_ = {n: session.data_bytes_per_node[n] for n in nodes}
         self.message_bytes_per_node_ = {n: session.task_bytes_per_node[n] for n in nodes}
+        self.fit_timeline_ = session.stats.timeline()
         if self.verbose > 0:
             print(_traffic_summary(session))
         return self
+
+    def export_chrome_trace(self, path: str) -> None:
+        """Write ``fit_timeline_`` as a Chrome trace (JSON) to ``path``: open
+        it in https://ui.perfetto.dev, one track per node and pool process."""
+        from .client.timeline import write_chrome_trace
+
+        write_chrome_trace(self.fit_timeline_, path)
 
     def _run_search(
         self, evaluate_candidates: Callable[..., Any], *, callback_ctx: Any = None

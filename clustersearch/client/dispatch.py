@@ -238,6 +238,7 @@ class Dispatcher:
             return
         # The copy that won: its result is verified against its own task id.
         work.task_id, work.node = result.id, node
+        work.sent_at = copy.sent_at
         work.result = result.result
         session.finished.append(work)
 
@@ -303,6 +304,7 @@ class Dispatcher:
                         work.error = output.exception_with_traceback()
                     else:
                         stats.add_warnings(value["node"], value.get("warnings"))
+                        stats.add_run(work, value)
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)

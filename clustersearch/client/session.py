@@ -30,6 +30,7 @@ from .membership import Membership
 from .policy import Policy
 from .progress import Progress
 from .recovery import Watcher
+from .timeline import build_timeline
 from .work import Copy, Part, Work
 
 if TYPE_CHECKING:
@@ -66,6 +67,28 @@ class Stats:
     # (category module, category name, message) -> [count, nodes]: the
     # warnings the counted fits raised on the nodes.
     warnings: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)
+    # One dict per result that counted (see client.timeline), client wall times.
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    # Adds to a time.monotonic() reading to give the wall clock.
+    mono_to_wall: float = field(default_factory=lambda: time.time() - time.monotonic())
+
+    def add_run(self, work: Work, value: dict[str, Any]) -> None:
+        """Record where and when a counted result ran (for ``fit_timeline_``)."""
+        try:
+            started, finished = float(value["started"]), float(value["finished"])
+        except (KeyError, TypeError, ValueError):
+            return
+        sent = (work.sent_at or time.monotonic()) + self.mono_to_wall
+        self.runs.append({
+            "node": value["node"], "pid": value.get("pid"), "task": work.task_id,
+            "fits": work.n_calls, "backup": work.backed_up, "tries": list(work.tries or ()),
+            "sent": sent, "received": time.time(), "started": started, "finished": finished,
+        })  # fmt: skip
+
+    def timeline(self) -> dict[str, Any]:
+        """The search's ``fit_timeline_`` (see :func:`.timeline.build_timeline`)."""
+        return build_timeline(self.runs, self.events, self.started, self.mono_to_wall)
 
     def add_warnings(self, node: str, raised: Any) -> None:
         """Count the ``(module, name, message, count)`` a node's result lists."""

@@ -15,7 +15,7 @@ class Work:
 
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
-        "task_id", "batch", "tries", "avoid", "backed_up", "rejected",
+        "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "sent_at",
     )  # fmt: skip
 
     def __init__(
@@ -42,6 +42,7 @@ class Work:
         self.avoid: set[str] = set()  # nodes it should not go back to
         self.backed_up = False  # a second copy was sent
         self.rejected = 0  # results that failed verification (dropped)
+        self.sent_at: float | None = None  # when the copy that won was sent (monotonic)
 
 
 @dataclass(eq=False)
