@@ -79,6 +79,11 @@ _TRAFFIC_DOC = """\
         ``backup`` and the earlier ``tries``), and ``"events"``: nodes lost,
         joined, stragglers, retries (``time``, ``event``, ``node``, ...).
         :meth:`export_chrome_trace` writes it for Perfetto.
+    fit_warnings_ : list of dict
+        The warnings the fits raised on the nodes (``category``, ``message``,
+        ``count``, ``nodes``), also raised in the client when fit ends.
+    fit_failures_ : list of dict
+        The fits that raised (``node``, ``error``: scikit-learn's traceback text).
 """
 
 _CLUSTER_DOC = """
@@ -105,6 +110,8 @@ class _ClusterSearchMixin(_SearchBase):
         data_bytes_per_node_: dict[str, int]
         message_bytes_per_node_: dict[str, int]
         fit_timeline_: dict[str, Any]
+        fit_warnings_: list[dict[str, Any]]
+        fit_failures_: list[dict[str, Any]]
 
     def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> Self:
         """Run fit with all sets of parameters, every fit on the cluster.
@@ -149,9 +156,24 @@ class _ClusterSearchMixin(_SearchBase):
         self.data_bytes_per_node_ = {n: session.data_bytes_per_node[n] for n in nodes}
         self.message_bytes_per_node_ = {n: session.task_bytes_per_node[n] for n in nodes}
         self.fit_timeline_ = session.stats.timeline()
+        self.fit_warnings_ = [
+            {"category": f"{module}.{name}", "message": message, "count": count,
+             "nodes": sorted(nodes)}
+            for (module, name, message), (count, nodes) in session.stats.warnings.items()
+        ]  # fmt: skip
+        self.fit_failures_ = list(session.stats.fit_errors)
         if self.verbose > 0:
             print(_traffic_summary(session))
         return self
+
+    def report(self, path: str, *, title: str | None = None) -> Any:
+        """Write this fitted search as one self-contained HTML page (opens
+        offline): score heatmaps, slices, the ranked table, each fit on a
+        per-node timeline, failures, traffic and warnings. Needs Matplotlib
+        (``pip install 'clustersearch[report]'``). Returns the path."""
+        from .report import write_report
+
+        return write_report(self, path, title=title)
 
     def export_chrome_trace(self, path: str) -> None:
         """Write ``fit_timeline_`` as a Chrome trace (JSON) to ``path``: open

@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     nodes.add_argument("--backend", default=env_backend)
     nodes.add_argument("--timeout", type=float, default=1.0,
                        help="seconds to wait for answers (default: 1)")
+    report = sub.add_parser(
+        "report", help="write the HTML report of a fitted search saved with joblib.dump"
+    )
+    report.add_argument("search", help="a fitted search saved with joblib.dump (a pickle: "
+                        "load only files you trust)")
+    report.add_argument("-o", "--output", default=None,
+                        help="the HTML file (default: the search file's name, .html)")
     return parser
 
 
@@ -214,12 +221,31 @@ def _run_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    import joblib
+
+    from .report import write_report
+
+    # A pickle runs code when loaded: only files you made yourself.
+    search = joblib.load(args.search)
+    if not hasattr(search, "cv_results_"):
+        print(f"{args.search} holds a {type(search).__name__}, not a fitted search",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    out = Path(args.output or Path(args.search).with_suffix(".html"))
+    write_report(search, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int | None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "worker":
             _run_worker(args)
             return None
+        if args.command == "report":
+            return _run_report(args)
         return _run_nodes(args)
     except MissingDependencyError as exc:
         sys.exit(f"clustersearch {args.command}: {exc}")

@@ -69,12 +69,20 @@ class Stats:
     warnings: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)
     # One dict per result that counted (see client.timeline), client wall times.
     runs: list[dict[str, Any]] = field(default_factory=list)
+    # {"node", "error"}: fits that raised (their traceback, as scikit-learn keeps it).
+    fit_errors: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     # Adds to a time.monotonic() reading to give the wall clock.
     mono_to_wall: float = field(default_factory=lambda: time.time() - time.monotonic())
 
     def add_run(self, work: Work, value: dict[str, Any]) -> None:
-        """Record where and when a counted result ran (for ``fit_timeline_``)."""
+        """Record where and when a counted result ran (for ``fit_timeline_``),
+        and the fits in it that failed (scikit-learn's ``fit_error``)."""
+        output = value.get("output")
+        for item in output if isinstance(output, list) else ():
+            error = item.get("fit_error") if isinstance(item, dict) else None
+            if isinstance(error, str):
+                self.fit_errors.append({"node": value["node"], "error": error})
         try:
             started, finished = float(value["started"]), float(value["finished"])
         except (KeyError, TypeError, ValueError):
