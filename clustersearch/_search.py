@@ -166,6 +166,26 @@ class _ClusterSearchMixin(_SearchBase):
             print(_traffic_summary(session))
         return self
 
+    @property
+    def _repr_html_(self) -> Callable[[], str]:
+        """scikit-learn's diagram, and once fitted, where the fits ran."""
+        diagram = super()._repr_html_  # AttributeError unless display="diagram"
+
+        def html() -> str:
+            out: str = diagram()
+            if hasattr(self, "fits_per_node_"):
+                out += _fitted_html(self)
+            return out
+
+        return html
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        # What Jupyter asks for first: scikit-learn's, with the same table.
+        bundle: dict[str, Any] = super()._repr_mimebundle_(**kwargs)
+        if "text/html" in bundle and hasattr(self, "fits_per_node_"):
+            bundle["text/html"] += _fitted_html(self)
+        return bundle
+
     def report(self, path: str, *, title: str | None = None) -> Any:
         """Write this fitted search as one self-contained HTML page (opens
         offline): score heatmaps, slices, the ranked table, each fit on a
@@ -196,6 +216,27 @@ class _ClusterSearchMixin(_SearchBase):
             return evaluate_candidates(candidate_params, *args, **kwargs)
 
         return super()._run_search(counted, callback_ctx=callback_ctx)
+
+
+def _fitted_html(search: Any) -> str:
+    """A fitted search's nodes table: fits, data and messages per node."""
+    import html
+
+    rows = "".join(
+        f"<tr><td>{html.escape(node)}</td><td>{fits}</td>"
+        f"<td>{search.data_bytes_per_node_.get(node, 0) / 1e6:.1f}</td>"
+        f"<td>{search.message_bytes_per_node_.get(node, 0) / 1e3:.0f}</td></tr>"
+        for node, fits in search.fits_per_node_.items()
+    )
+    best = ""
+    if hasattr(search, "best_score_"):
+        best = f"best score {search.best_score_:.4f}; "
+    return (
+        f"<div><small>{best}{sum(search.fits_per_node_.values())} fits on "
+        f"{len(search.fits_per_node_)} nodes</small><table><thead><tr><th>node</th><th>fits</th>"
+        f"<th>data sent (MB)</th><th>task messages (kB)</th></tr></thead><tbody>{rows}"
+        "</tbody></table></div>"
+    )
 
 
 def _megabytes(n: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import html
 import logging
 import os
 import secrets
@@ -127,6 +128,25 @@ class NodeInfo:
             consuming=_field(info, "consuming", bool) is not False,
             stalled_s=float(stalled),
         )
+
+
+def nodes_html(nodes: Sequence[NodeInfo]) -> str:
+    """An HTML table of ``nodes`` (for notebooks)."""
+    header = ("node", "host", "processes", "python", "scikit-learn", "clustersearch", "signed")
+    rows = [
+        (n.name, n.host, n.concurrency, n.versions.get("python", "?"),
+         n.versions.get("scikit-learn", "?"), n.versions.get("clustersearch", "?"),
+         "yes" if n.signed else "no")
+        for n in nodes
+    ]  # fmt: skip
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    total = sum(n.concurrency for n in nodes)
+    return (
+        "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead>"
+        f"<tbody>{cells}</tbody></table><small>{len(nodes)} nodes, {total} worker processes</small>"
+    )
 
 
 def _field(info: dict, key: str, kind: Any, required: bool = False) -> Any:
@@ -265,6 +285,15 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self.broker_url)!r})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the broker and a table of the live nodes (asks them)."""
+        head = f"<b>{html.escape(type(self).__name__)}</b> <code>{html.escape(redact(self.broker_url))}</code>"
+        try:
+            nodes = self.nodes()
+        except Exception as exc:  # shown, not raised: a repr must not fail
+            return f"{head}<br>no answer: <code>{html.escape(str(exc))}</code>"
+        return head + nodes_html(nodes)
 
     def __enter__(self) -> Self:
         return self
