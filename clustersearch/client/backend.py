@@ -37,6 +37,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         Accept only the first ``Parallel`` configured with this backend (a
         search's own), and hand every later one (the refit's, which
         scikit-learn runs in the client) to joblib's local backends.
+    accept_threads : bool, default=False
+        Accept a ``Parallel`` that says ``prefer="threads"`` (a forest's
+        tree building) instead of running it locally in threads. One that
+        says ``require="sharedmem"`` (a forest's predict) still stays local.
 
     Notes
     -----
@@ -58,12 +62,14 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         session: Session,
         *,
         first_only: bool = False,
+        accept_threads: bool = False,
         nesting_level: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, **kwargs)
         self.session = session
         self.first_only = first_only
+        self.accept_threads = accept_threads
         self._claimed: Any = None  # the Parallel this backend accepted
 
     def configure(
@@ -74,7 +80,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         require: str | None = None,
         **kwargs: Any,
     ) -> int:
-        threads = prefer == "threads" or require == "sharedmem"
+        threads = (prefer == "threads" and not self.accept_threads) or require == "sharedmem"
         foreign = self.first_only and self._claimed is not None and parallel is not self._claimed
         if threads or foreign:
             local = ThreadingBackend if threads else LokyBackend

@@ -15,6 +15,7 @@ from celery.worker.request import Request
 
 from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
+from ..wire.context import node_task
 from ..wire.protocol import RemoteFailure, node_name
 from ..wire.serialization import dumps
 from ..wire.signing import Signer
@@ -141,8 +142,9 @@ def run_batch(
         # One fit per process: joblib calls made inside a fit run
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
-        # client, which prints it there.
-        with fit_guard.fit(), parallel_config(backend="sequential"):
+        # client, which prints it there. Our estimators inside a fit see
+        # node_task() and fit as plain scikit-learn: no nested dispatch.
+        with fit_guard.fit(), parallel_config(backend="sequential"), node_task():
             with redirect_stdout(printed):
                 output = batch()
     except BaseException as exc:
