@@ -55,6 +55,11 @@ __all__ = [
 
 _CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
 
+# The most bytes of trees one task sends back, once the first trees have
+# shown their size: a result is one broker message (RabbitMQ 4 refuses
+# messages over 16 MiB; results travel base64-encoded, 4/3 of this).
+MAX_RESULT_BYTES = 8 * 1024 * 1024
+
 _CLUSTER_DOC = """
     cluster : Cluster, LocalCluster or str, default=None
         Where the trees are built. A :class:`~clustersearch.Cluster`, a
@@ -73,6 +78,8 @@ _FITTED_DOC = """\
     fit_processes_ : dict of str -> list of int
         The process ids, on each node, of the worker processes that built
         the trees (a node's pool processes).
+    result_bytes_per_node_ : dict of str -> int
+        Bytes of pickled trees each node sent back in the last ``fit``.
 """
 
 _SAME_AS = """\
@@ -97,6 +104,7 @@ class _ClusterForestMixin(_ForestBase):
         estimators_: list[Any]
         fits_per_node_: dict[str, int]
         fit_processes_: dict[str, list[int]]
+        result_bytes_per_node_: dict[str, int]
 
     def fit(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> Self:
         """Build a forest of trees from the training set (X, y), on the cluster.
@@ -119,7 +127,7 @@ class _ClusterForestMixin(_ForestBase):
             # A fit on a node (this forest is a search's estimator): the
             # node's process builds the trees, as scikit-learn would.
             super().fit(X, y, sample_weight=sample_weight)
-            self.fits_per_node_, self.fit_processes_ = {}, {}
+            self.fits_per_node_, self.fit_processes_, self.result_bytes_per_node_ = {}, {}, {}
             return self
         # scikit-learn's own validation first: nothing is sent for a typo.
         if not get_config()["skip_parameter_validation"]:
@@ -131,13 +139,16 @@ class _ClusterForestMixin(_ForestBase):
             # Only the forest's tree-building Parallel (prefer="threads")
             # goes to the cluster; predict's (require="sharedmem") and any
             # other stay local.
-            backend = ClusterBackend(session, first_only=True, accept_threads=True)
+            backend = ClusterBackend(
+                session, first_only=True, accept_threads=True, max_result_bytes=MAX_RESULT_BYTES
+            )
             with parallel_config(backend=backend):
                 super().fit(X, y, sample_weight=sample_weight)
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
         self.fit_processes_ = {
             n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_
         }
+        self.result_bytes_per_node_ = dict(sorted(session.stats.result_bytes_per_node.items()))
         return self
 
 

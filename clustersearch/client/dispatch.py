@@ -302,6 +302,7 @@ class Dispatcher:
                     if isinstance(output, RemoteFailure):
                         work.error = output.exception_with_traceback()
                     else:
+                        stats.count_result(value["node"], len(work.result["payload"]), work.n_calls)
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)

@@ -17,7 +17,7 @@ from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
 from ..wire.context import node_task
 from ..wire.protocol import RemoteFailure, node_name
-from ..wire.serialization import dumps
+from ..wire.serialization import COMPRESS_OVER, dumps
 from ..wire.signing import Signer
 from .cache import NodeCache
 from .guard import fit_guard
@@ -161,7 +161,7 @@ def run_batch(
         "finished": time.time(),
     }
     try:
-        data = dumps(result)
+        data = dumps(result, compress_over=COMPRESS_OVER)
     except Exception as exc:
         result["output"] = RemoteFailure(exc, node)
         data = dumps(result)
