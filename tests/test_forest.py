@@ -10,7 +10,11 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import assert_ran_in_pool_processes, assert_ran_on_workers, assert_same_results
+from conftest import (
+    assert_ran_in_pool_processes,
+    assert_ran_on_workers,
+    assert_same_results,
+)
 from sklearn.base import clone
 from sklearn.datasets import make_classification, make_regression
 from sklearn.ensemble import (
@@ -224,3 +228,19 @@ def test_forest_as_a_search_estimator(embedded_cluster):
     best = search.best_estimator_
     assert_built_on_nodes(best, embedded_cluster, 10)
     assert_same_forest(best, theirs.best_estimator_, Xc)
+
+
+def test_large_results_come_back_compressed(embedded_cluster):
+    from clustersearch.wire.serialization import COMPRESS_OVER, dumps, loads
+
+    big = {"trees": np.zeros(COMPRESS_OVER)}
+    packed = dumps(big, compress_over=COMPRESS_OVER)
+    assert packed[:1] == b"Z" and len(packed) < COMPRESS_OVER
+    np.testing.assert_array_equal(loads(packed)["trees"], big["trees"])
+    assert dumps(big)[:1] == b"\x80"  # only results ask for compression
+    # Fully grown trees on noisy labels: tens of kB each.
+    X, y = make_classification(n_samples=6000, n_features=10, flip_y=0.3, random_state=0)
+    forest = ClusterRandomForestClassifier(8, random_state=0, cluster=embedded_cluster).fit(X, y)
+    assert_same_forest(forest, RandomForestClassifier(8, random_state=0).fit(X, y), X)
+    sent = sum(forest.result_bytes_per_node_.values())
+    assert 0 < sent < len(dumps(forest.estimators_)) / 2, sent
