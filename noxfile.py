@@ -70,3 +70,4 @@ def bench(session: nox.Session) -> None:
     ]
     session.run("python", "benchmarks/bench_search.py", *args)
     session.run("python", "benchmarks/pine64_model.py", "--markdown", "docs/benchmarks.md")
+    session.run("python", "benchmarks/bench_forest.py", "--markdown", "docs/benchmarks.md")

@@ -19,9 +19,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Cluster",
+    "ClusterExtraTreesClassifier",
+    "ClusterExtraTreesRegressor",
     "ClusterGridSearchCV",
     "ClusterHalvingGridSearchCV",
     "ClusterHalvingRandomSearchCV",
+    "ClusterRandomForestClassifier",
+    "ClusterRandomForestRegressor",
     "ClusterRandomizedSearchCV",
     "LocalCluster",
     "NodeInfo",
@@ -39,9 +43,19 @@ _WHERE = {
     "ClusterHalvingGridSearchCV": "._search",
     "ClusterHalvingRandomSearchCV": "._search",
     "ClusterRandomizedSearchCV": "._search",
+    "ClusterExtraTreesClassifier": "._forest",
+    "ClusterExtraTreesRegressor": "._forest",
+    "ClusterRandomForestClassifier": "._forest",
+    "ClusterRandomForestRegressor": "._forest",
 }
 
 if TYPE_CHECKING:
+    from ._forest import (
+        ClusterExtraTreesClassifier,
+        ClusterExtraTreesRegressor,
+        ClusterRandomForestClassifier,
+        ClusterRandomForestRegressor,
+    )
     from ._search import (
         ClusterGridSearchCV,
         ClusterHalvingGridSearchCV,

@@ -37,6 +37,15 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         Accept only the first ``Parallel`` configured with this backend (a
         search's own), and hand every later one (the refit's, which
         scikit-learn runs in the client) to joblib's local backends.
+    accept_threads : bool, default=False
+        Accept a ``Parallel`` that says ``prefer="threads"`` (a forest's
+        tree building) instead of running it locally in threads. One that
+        says ``require="sharedmem"`` (a forest's predict) still stays local.
+    max_result_bytes : int, default=None
+        Once results have come back, batch at most as many calls as keep a
+        batch's result under this many bytes (at the largest bytes per call
+        seen): results travel as one message each, and brokers cap message
+        sizes (RabbitMQ 4: 16 MiB). None: joblib's auto-batching alone.
 
     Notes
     -----
@@ -58,12 +67,16 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         session: Session,
         *,
         first_only: bool = False,
+        accept_threads: bool = False,
+        max_result_bytes: int | None = None,
         nesting_level: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, **kwargs)
         self.session = session
         self.first_only = first_only
+        self.accept_threads = accept_threads
+        self.max_result_bytes = max_result_bytes
         self._claimed: Any = None  # the Parallel this backend accepted
 
     def configure(
@@ -74,7 +87,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         require: str | None = None,
         **kwargs: Any,
     ) -> int:
-        threads = prefer == "threads" or require == "sharedmem"
+        threads = (prefer == "threads" and not self.accept_threads) or require == "sharedmem"
         foreign = self.first_only and self._claimed is not None and parallel is not self._claimed
         if threads or foreign:
             local = ThreadingBackend if threads else LokyBackend
@@ -86,6 +99,13 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         # At least 2: joblib runs n_jobs == 1 in the client without asking us.
         return max(2, self.session.capacity)
+
+    def compute_batch_size(self) -> int:
+        size = int(super().compute_batch_size())
+        per_call = self.session.stats.result_bytes_per_call
+        if self.max_result_bytes is not None and per_call > 0:
+            size = max(1, min(size, int(self.max_result_bytes // per_call)))
+        return size
 
     def submit(self, func: Any, callback: Callable[[Future], Any] | None = None) -> Future:
         return self.session.submit(func, callback)

@@ -305,6 +305,7 @@ class Dispatcher:
                     else:
                         stats.add_warnings(value["node"], value.get("warnings"))
                         stats.add_run(work, value)
+                        stats.count_result(value["node"], len(work.result["payload"]), work.n_calls)
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)

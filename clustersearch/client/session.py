@@ -108,6 +108,15 @@ class Stats:
         except (TypeError, ValueError):
             logger.warning("node %r sent a malformed list of warnings; ignored", node)
 
+    # Bytes of the pickled results of the batches that succeeded, per node;
+    # and the most bytes one call of a batch returned.
+    result_bytes_per_node: Counter[str] = field(default_factory=Counter)
+    result_bytes_per_call: float = 0.0
+
+    def count_result(self, node: str, nbytes: int, n_calls: int) -> None:
+        self.result_bytes_per_node[node] += nbytes
+        self.result_bytes_per_call = max(self.result_bytes_per_call, nbytes / max(n_calls, 1))
+
     def event(self, event: str, node: str | None = None, **info: Any) -> None:
         self.events.append({"t": time.monotonic(), "event": event, "node": node, **info})
 

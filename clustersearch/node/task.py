@@ -17,8 +17,9 @@ from celery.worker.request import Request
 
 from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
+from ..wire.context import node_task
 from ..wire.protocol import RemoteFailure, node_name
-from ..wire.serialization import dumps
+from ..wire.serialization import COMPRESS_OVER, dumps
 from ..wire.signing import Signer
 from .cache import NodeCache
 from .guard import fit_guard
@@ -160,8 +161,13 @@ def run_batch(
         # One fit per process: joblib calls made inside a fit run
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
-        # client, which prints it there.
-        with fit_guard.fit(task_id, here.cache.directory), parallel_config(backend="sequential"):
+        # client, which prints it there. Our estimators inside a fit see
+        # node_task() and fit as plain scikit-learn: no nested dispatch.
+        with (
+            fit_guard.fit(task_id, here.cache.directory),
+            parallel_config(backend="sequential"),
+            node_task(),
+        ):
             with redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
                 output = batch()
     except BaseException as exc:
@@ -179,7 +185,7 @@ def run_batch(
         "finished": time.time(),
     }
     try:
-        data = dumps(result)
+        data = dumps(result, compress_over=COMPRESS_OVER)
     except Exception as exc:
         result["output"] = RemoteFailure(exc, node)
         data = dumps(result)
