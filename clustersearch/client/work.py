@@ -15,7 +15,7 @@ class Work:
 
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
-        "task_id", "batch", "tries", "avoid", "backed_up", "rejected",
+        "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "only",
     )  # fmt: skip
 
     def __init__(
@@ -26,6 +26,7 @@ class Work:
         error: BaseException | None = None,
         refs: Sequence[tuple[str, str, int]] = (),
         batch: Any = None,
+        only: str | None = None,
     ) -> None:
         self.payload = payload
         self.refs = refs
@@ -42,6 +43,9 @@ class Work:
         self.avoid: set[str] = set()  # nodes it should not go back to
         self.backed_up = False  # a second copy was sent
         self.rejected = 0  # results that failed verification (dropped)
+        # Pinned work runs on this node or nowhere (it needs what the node
+        # holds): when the node is lost it fails with NodeLostError.
+        self.only = only
 
 
 @dataclass(eq=False)
