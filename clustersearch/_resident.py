@@ -221,7 +221,9 @@ class ResidentForest:
             nbytes[node] += built["nbytes"]
             if not self.state:
                 params = self.estimator.get_params(deep=False)
-                self.state = {k: v for k, v in built["shell"].items() if k not in params}
+                self.state = {
+                    k: v for k, v in built["shell"].items() if k not in params and k != "estimators_"
+                }
         for part in range(len(self.parts)):
             if not kept[part]:
                 raise PartLostError(self._lost_message(part, holders[part], failed[part], "built"))

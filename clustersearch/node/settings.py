@@ -13,7 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..wire.blobs import DEFAULT_CACHE_BYTES, DEFAULT_STORE_BYTES, default_cache_dir, parse_size
+from ..wire.blobs import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_STORE_BYTES,
+    default_cache_dir,
+    parse_size,
+)
 from ..wire.signing import DEFAULT_MAX_AGE_S, load_secret
 
 __all__ = ["CONF_KEY", "MAX_PAYLOAD_BYTES", "NodeSettings"]
