@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .client.cluster import Cluster
     from .client.session import Session
 
-__all__ = ["ResidentForest"]
+__all__ = ["KeepOnNodesMixin", "ResidentForest"]
 
 logger = logging.getLogger(__name__)
 
@@ -427,3 +427,103 @@ class ResidentForest:
         state = self.__dict__.copy()
         state["last_run"] = {}
         return state
+
+
+_KEEP = ("client", "nodes")
+
+
+class KeepOnNodesMixin:
+    """``keep="nodes"`` for a scikit-learn forest subclass.
+
+    The class also has the parameters ``cluster``, ``keep`` and
+    ``replicas``; its ``fit`` calls :meth:`_fit_on_nodes` when ``keep ==
+    "nodes"``. The fitted estimator then holds a :class:`ResidentForest`
+    (``resident_``) and the forest's fitted attributes, not its trees:
+    ``predict_proba`` (classifiers) and ``predict`` (regressors) ask the
+    nodes, and scikit-learn's own ``predict``, ``predict_log_proba`` and
+    ``score`` run on top of them. What needs the trees themselves
+    (``apply``, ``decision_path``, ``feature_importances_``,
+    ``estimators_samples_``) says to call :meth:`to_local` first.
+    """
+
+    cluster: Any
+    keep: str
+    replicas: int
+    resident_: ResidentForest | None
+    estimators_: list[Any]
+
+    def _check_keep(self) -> None:
+        if self.keep not in _KEEP:
+            raise ConfigurationError(f"keep must be one of {_KEEP}, got {self.keep!r}")
+
+    def _fit_on_nodes(self, X: Any, y: Any, sample_weight: Any = None) -> Any:
+        """Fit with the trees kept on the nodes; ``self``."""
+        klass = _sklearn_class(type(self))
+        names = klass().get_params(deep=False)
+        plain = klass(**{k: v for k, v in self.get_params(deep=False).items() if k in names})  # type: ignore[attr-defined]
+        handle = ResidentForest.fit(
+            plain, X, y, sample_weight, cluster=self.cluster, replicas=self.replicas
+        )
+        self.__dict__.update(handle.state)
+        self.estimators_ = []
+        self.resident_ = handle
+        return self
+
+    def _resident(self) -> ResidentForest | None:
+        return self.__dict__.get("resident_")
+
+    def predict_proba(self, X: Any) -> Any:
+        handle = self._resident()
+        if handle is not None:
+            return handle.predict_proba(X)
+        return super().predict_proba(X)  # type: ignore[misc]
+
+    def predict(self, X: Any) -> Any:
+        handle = self._resident()
+        if handle is not None and not is_classifier(self):
+            return handle.predict(X)
+        return super().predict(X)  # type: ignore[misc]
+
+    def to_local(self) -> Any:
+        """A plain scikit-learn forest with every tree (fetched from the
+        nodes when they are kept there)."""
+        handle = self._resident()
+        if handle is None:
+            raise ClusterSearchError("to_local() is for a forest fitted with keep='nodes'")
+        return handle.to_local()
+
+    def delete(self) -> int:
+        """Free the nodes' stores of this forest (fitted with
+        ``keep="nodes"``); the bytes freed. It can no longer predict."""
+        handle = self._resident()
+        if handle is None:
+            raise ClusterSearchError("delete() is for a forest fitted with keep='nodes'")
+        return handle.delete()
+
+    def _needs_trees(self, what: str) -> Any:
+        raise ClusterSearchError(
+            f"{what} needs the trees, which stay on the nodes (keep='nodes'): call "
+            "to_local() for a scikit-learn forest holding them"
+        )
+
+    def apply(self, X: Any) -> Any:
+        if self._resident() is not None:
+            self._needs_trees("apply()")
+        return super().apply(X)  # type: ignore[misc]
+
+    def decision_path(self, X: Any) -> Any:
+        if self._resident() is not None:
+            self._needs_trees("decision_path()")
+        return super().decision_path(X)  # type: ignore[misc]
+
+    @property
+    def feature_importances_(self) -> Any:
+        if self._resident() is not None:
+            self._needs_trees("feature_importances_")
+        return super().feature_importances_  # type: ignore[misc]
+
+    @property
+    def estimators_samples_(self) -> Any:
+        if self._resident() is not None:
+            self._needs_trees("estimators_samples_")
+        return super().estimators_samples_  # type: ignore[misc]

@@ -27,11 +27,16 @@ from sklearn.ensemble import (
 )
 
 from clustersearch import LocalCluster
-from clustersearch._resident import ResidentForest
+from clustersearch._resident import KeepOnNodesMixin, ResidentForest
 from clustersearch.client.cluster import NodeInfo
 from clustersearch.client.membership import Membership
 from clustersearch.client.policy import Policy
-from clustersearch.exceptions import ConfigurationError, PartLostError, StoreFullError
+from clustersearch.exceptions import (
+    ClusterSearchError,
+    ConfigurationError,
+    PartLostError,
+    StoreFullError,
+)
 from clustersearch.node.store import fingerprint
 
 X, y = make_classification(n_samples=400, n_features=8, n_informative=5, random_state=0)
@@ -237,6 +242,54 @@ def test_a_node_killed_mid_predict_is_answered_for_by_the_replicas():
         with pytest.raises(PartLostError, match=message) as caught:
             forest.predict(X)
         assert repr(victim) in str(caught.value) and repr(second) in str(caught.value)
+
+
+class _KeptForest(KeepOnNodesMixin, RandomForestClassifier):
+    """How the cluster forests use the mixin (their fit, reduced to keep)."""
+
+    def __init__(self, n_estimators=100, *, max_depth=None, random_state=None,
+                 cluster=None, keep="client", replicas=2):  # fmt: skip
+        super().__init__(n_estimators=n_estimators, max_depth=max_depth, random_state=random_state)
+        self.cluster = cluster
+        self.keep = keep
+        self.replicas = replicas
+
+    def fit(self, X, y, sample_weight=None):
+        self._check_keep()
+        if self.keep == "nodes":
+            return self._fit_on_nodes(X, y, sample_weight)
+        return super().fit(X, y, sample_weight)
+
+
+def test_an_estimator_with_keep_nodes_holds_a_handle_not_trees(cluster, monkeypatch):
+    params = dict(n_estimators=10, max_depth=6, random_state=2)
+    reference = RandomForestClassifier(**params).fit(X, y)
+    model = _KeptForest(**params, cluster=cluster, keep="nodes", replicas=3).fit(X, y)
+    try:
+        assert model.estimators_ == [] and model.resident_ is not None
+        assert all(len(h) == 3 for h in model.resident_.holders)
+        np.testing.assert_array_equal(model.classes_, reference.classes_)
+        assert np.abs(model.predict_proba(X) - reference.predict_proba(X)).max() <= PROBA_TOL
+        np.testing.assert_array_equal(model.predict(X), reference.predict(X))
+        assert model.score(X, y) == reference.score(X, y)
+        data = pickle.dumps(model)
+        assert len(data) < 16_000
+        # The handle's cluster pickles without its secret: the process that
+        # loads it needs the secret of its own.
+        monkeypatch.setenv("CLUSTERSEARCH_SECRET", cluster.secret)
+        again = pickle.loads(data)
+        np.testing.assert_array_equal(again.predict(X), reference.predict(X))
+        with pytest.raises(ClusterSearchError, match="call to_local"):
+            model.feature_importances_  # noqa: B018
+        with pytest.raises(ClusterSearchError, match="call to_local"):
+            model.apply(X)
+        np.testing.assert_array_equal(
+            model.to_local().feature_importances_, reference.feature_importances_
+        )
+    finally:
+        model.delete()
+    with pytest.raises(ConfigurationError, match="keep must be one of"):
+        _KeptForest(keep="everywhere").fit(X, y)
 
 
 # -- pinned work, without I/O ----------------------------------------------------
