@@ -130,6 +130,8 @@ class _ClusterSearchMixin(_SearchBase):
             # (and anything else in the client) stays local.
             with parallel_config(backend=ClusterBackend(session, first_only=True)):
                 super().fit(X, y, **params)
+        # What the fits warned on the nodes, raised here as a local search would.
+        session.reraise_warnings(stacklevel=2)
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
         self.fit_processes_ = {
             n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_

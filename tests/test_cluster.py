@@ -562,6 +562,59 @@ def test_interrupting_the_client_stops_the_nodes(embedded_cluster, tmp_path, how
     assert not list(tmp_path.glob("*.done")), "a fit of a dead search ran to its end"
 
 
+class _SlowToLoad(_Marks):
+    """A long fit (see _Marks) whose task takes 3 s to unpickle on the node:
+    ``<pid>.loading`` when it begins, ``<pid>.loaded`` when it ends."""
+
+    def __setstate__(self, state):
+        folder = Path(state["marker_dir"])
+        (folder / f"{os.getpid()}.loading").touch()
+        time.sleep(3.0)
+        super().__setstate__(state)
+        (folder / f"{os.getpid()}.loaded").touch()
+
+
+def test_a_task_stopped_before_its_fit_begins_never_fits(embedded_cluster, tmp_path):
+    # A pool process that has taken a task but not begun its fit (verifying
+    # it, fetching data, unpickling) drops the stop signal: outside a fit it
+    # cannot tell a stop for this task from a late one for the task before.
+    # Such a fit then ran to its end (60 s here), and on the embedded
+    # transport the node's main process, blocked handing the next message to
+    # its busy pool, answered nothing meanwhile: the next search lost the
+    # node. The revoke's mark on the node stops the fit as it begins.
+    import _thread
+
+    search = ClusterGridSearchCV(
+        _SlowToLoad(marker_dir=str(tmp_path)), {"C": [1, 3]}, cv=3, cluster=embedded_cluster
+    )
+
+    def interrupt_while_loading():
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob("*.loading")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()
+
+    interrupter = threading.Thread(target=interrupt_while_loading, daemon=True)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        search.fit(X, y)
+    interrupter.join(timeout=60)
+    assert any(tmp_path.glob("*.loading")), "no task was loading at the interrupt"
+    # Guards against hangs: every load that began ends (or its process is
+    # killed), and a fit would begin right after it.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        _alive(int(p.stem)) and not (tmp_path / f"{p.stem}.loaded").exists()
+        for p in tmp_path.glob("*.loading")
+    ):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert not _started_fit_processes(tmp_path), "a fit stopped before it began ran"
+    # Both nodes still answer, and run the next search.
+    search = ClusterGridSearchCV(SVC(), GRID, cv=3, cluster=embedded_cluster).fit(X, y)
+    assert_ran_on_workers(search, embedded_cluster, n_fits=18)
+
+
 def _pool_processes(cluster):
     from netcluster import child_pids
 

@@ -328,6 +328,7 @@ class Dispatcher:
                     if isinstance(output, RemoteFailure):
                         work.error = output.exception_with_traceback()
                     else:
+                        stats.add_warnings(value["node"], value.get("warnings"))
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)

@@ -10,8 +10,10 @@ decides which node gets the next batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import NotPicklableError
+from ..wire.protocol import warning_category
 from ..wire.serialization import dumps_with_blobs
 from ..wire.signing import Signer
 from .blobs import BlobServer, BlobTable
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from .cluster import NodeInfo
 
 __all__ = ["Session", "Stats", "Work"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +63,19 @@ class Stats:
     pids: set[tuple[str, int]] = field(default_factory=set)
     events: list[dict[str, Any]] = field(default_factory=list)
     late_results: int = 0
+    # (category module, category name, message) -> [count, nodes]: the
+    # warnings the counted fits raised on the nodes.
+    warnings: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)
+
+    def add_warnings(self, node: str, raised: Any) -> None:
+        """Count the ``(module, name, message, count)`` a node's result lists."""
+        try:
+            for module, name, message, count in raised or ():
+                entry = self.warnings.setdefault((str(module), str(name), str(message)), [0, set()])
+                entry[0] += int(count)
+                entry[1].add(node)
+        except (TypeError, ValueError):
+            logger.warning("node %r sent a malformed list of warnings; ignored", node)
 
     def event(self, event: str, node: str | None = None, **info: Any) -> None:
         self.events.append({"t": time.monotonic(), "event": event, "node": node, **info})
@@ -235,6 +253,25 @@ class Session:
     @property
     def events(self) -> list[dict[str, Any]]:
         return self.stats.events
+
+    def reraise_warnings(self, stacklevel: int = 2) -> None:
+        """Raise here, once each, the warnings the fits raised on the nodes.
+
+        Category and message are the node's (a category this process cannot
+        import becomes UserWarning, its name in the text); the text adds how
+        many fits raised it and on which nodes. Call it in the user's thread:
+        ``warnings.catch_warnings``, ``pytest.warns`` and ``-W error`` then
+        see them as a local search's.
+        """
+        for (module, name, message), (count, nodes) in self.stats.warnings.items():
+            category = warning_category(module, name)
+            if category is None:
+                category, message = UserWarning, f"{name}: {message}"
+            times = "once" if count == 1 else f"{count} times"
+            where = ("node " if len(nodes) == 1 else "nodes ") + ", ".join(sorted(nodes))
+            warnings.warn(
+                f"{message} (raised {times} in fits on {where})", category, stacklevel=stacklevel + 1
+            )
 
     @property
     def late_results(self) -> int:

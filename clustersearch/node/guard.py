@@ -5,12 +5,50 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..wire.protocol import STOP_SIGNAL
 
-__all__ = ["FitGuard", "fit_guard", "install_fit_guard"]
+__all__ = ["FitGuard", "StoppedBeforeFit", "fit_guard", "install_fit_guard", "mark_stopped"]
+
+# Stop marks older than this are pruned: a mark matters only for a task that
+# a pool process took in the moments before its revoke arrived.
+_MARK_KEEP_S = 3600.0
+
+
+class StoppedBeforeFit(RuntimeError):
+    """The client stopped this task before its fit began: it does not run."""
+
+
+def _marks(cache_dir: Path) -> Path:
+    return Path(cache_dir) / ".stopped"
+
+
+def mark_stopped(cache_dir: Path, task_ids: Iterable[str]) -> None:
+    """Record, before the stop signal is sent, that ``task_ids`` are stopped.
+
+    The signal alone cannot stop a task that a pool process has taken but
+    whose fit has not begun (it verifies the task, fetches data): the guard
+    drops a signal outside a fit, as it cannot tell it from a late one for
+    the task before. The mark closes that window: the guard reads it as the
+    fit begins (see :meth:`FitGuard.fit`). Written by the node's main
+    process, in the ``clustersearch_revoke`` handler.
+    """
+    folder = _marks(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for task_id in task_ids:
+        if task_id and "/" not in task_id and not task_id.startswith("."):
+            (folder / task_id).touch()
+    old = time.time() - _MARK_KEEP_S
+    for mark in folder.iterdir():
+        try:
+            if mark.stat().st_mtime < old:
+                mark.unlink()
+        except OSError:
+            pass
 
 
 class FitGuard:
@@ -51,9 +89,19 @@ class FitGuard:
                     os.kill(os.getpid(), signal.SIGKILL)
 
     @contextmanager
-    def fit(self) -> Iterator[None]:
+    def fit(self, task_id: str = "", cache_dir: Path | None = None) -> Iterator[None]:
+        """Run a fit killable by the stop signal.
+
+        With ``cache_dir``, a task stopped before its fit began (see
+        :func:`mark_stopped`) raises :class:`StoppedBeforeFit` instead. The
+        mark is read after the fit counts as running: a stop whose mark
+        came too late for the check sends its signal into the fit.
+        """
         with self.lock:
             self.running = True
+            if cache_dir is not None and task_id and (_marks(cache_dir) / task_id).exists():
+                self.running = False
+                raise StoppedBeforeFit(f"task {task_id} was stopped before its fit began")
         try:
             yield
         finally:

@@ -38,6 +38,7 @@ from ..exceptions import MessageRejected
 from ..wire.control import REVOKE_COMMAND, verified_revoke
 from ..wire.protocol import INFO_COMMAND, STOP_SIGNAL
 from ..wire.signing import Signer
+from .guard import mark_stopped
 from .settings import CONF_KEY
 
 __all__ = ["ControlGuard", "guarded_handlers"]
@@ -127,4 +128,9 @@ def _clustersearch_revoke(state: Any, task_ids: Any = None, auth: Any = None, **
     except MessageRejected as exc:
         logger.warning("node refused a revoke: %s", exc)
         return {"error": str(exc)}
+    # Marked before the signal: a task taken but not yet fitting stops too.
+    try:
+        mark_stopped(settings.cache_dir, ids)
+    except OSError:
+        logger.warning("could not mark %d stopped tasks", len(ids), exc_info=True)
     return celery_revoke(state, ids, STOP_SIGNAL)

@@ -6,6 +6,8 @@ import io
 import logging
 import os
 import time
+import warnings
+from collections import Counter
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -93,6 +95,22 @@ def _blob_refs(blobs: Any) -> list[tuple[str, str, int]] | None:
     return refs
 
 
+def _warnings_raised(caught: list[warnings.WarningMessage]) -> list[tuple[str, str, str, int]]:
+    """``(category module, category name, message, count)`` of each distinct
+    warning the fits raised.
+
+    The fits run under the client's warning filters (scikit-learn's
+    ``delayed`` carries them), so what is recorded here is what a local
+    search would have shown. Categories travel by name: the client looks
+    them up (:func:`clustersearch.wire.protocol.warning_category`).
+    """
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for w in caught:
+        category = w.category
+        counts[category.__module__, category.__qualname__, str(w.message)] += 1
+    return [(module, name, message, n) for (module, name, message), n in counts.items()]
+
+
 def run_batch(
     task: Any, payload: Any, source: Any = None, blobs: Any = (), auth: Any = None
 ) -> dict[str, Any]:
@@ -132,6 +150,7 @@ def run_batch(
 
     started = time.time()
     printed = io.StringIO()
+    caught: list[warnings.WarningMessage] = []
     fetched = 0
     try:
         from joblib import parallel_config
@@ -143,8 +162,8 @@ def run_batch(
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
         # client, which prints it there.
-        with fit_guard.fit(), parallel_config(backend="sequential"):
-            with redirect_stdout(printed):
+        with fit_guard.fit(task_id, here.cache.directory), parallel_config(backend="sequential"):
+            with redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
                 if isinstance(batch, StoreCall):
                     # A request to this node's store of forest parts.
                     store = PartStore(here.settings.cache_dir, here.settings.store_bytes, node)
@@ -158,6 +177,7 @@ def run_batch(
     result = {
         "output": output,
         "stdout": printed.getvalue(),
+        "warnings": _warnings_raised(caught),
         "node": node,
         "pid": os.getpid(),
         "fetched": fetched,

@@ -33,6 +33,7 @@ __all__ = [
     "StoreCall",
     "local_versions",
     "node_name",
+    "warning_category",
     "queue_for",
 ]
 
@@ -45,7 +46,7 @@ INFO_COMMAND = "clustersearch_info"
 STOP_SIGNAL = "SIGUSR2"
 
 # What a node's pickled result holds.
-RESULT_KEYS = ("output", "stdout", "node", "pid", "fetched", "started", "finished")
+RESULT_KEYS = ("output", "stdout", "warnings", "node", "pid", "fetched", "started", "finished")
 
 
 # What a client may ask of a node's store of forest parts (``node/store.py``):
@@ -127,3 +128,17 @@ def local_versions() -> dict[str, Any]:
         "celery": sys.modules["celery"].__version__ if "celery" in sys.modules else None,
         "cloudpickle": cloudpickle.__version__,
     }
+
+
+def warning_category(module: str, name: str) -> type[Warning] | None:
+    """The warning class a node named (``module``, ``qualname``), if this
+    process has it and it is a Warning; None otherwise."""
+    import importlib
+
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, Warning) else None
