@@ -17,12 +17,17 @@ __all__ = [
     "PRIVATE_APIS",
     "CallbackContext",
     "FuncWrapper",
+    "Interval",
+    "StrOptions",
     "WorkerLostError",
     "batch_calls",
     "batch_with_calls",
+    "build_forest_part",
     "celery_revoke",
     "control_commands",
     "fit_and_score",
+    "forest_part_sums",
+    "forest_seeds",
     "get_active_backend",
     "hidden_settings_filtered",
     "is_rpc_backend",
@@ -34,6 +39,7 @@ __all__ = [
     "running_fits",
     "set_result_from_meta",
     "strip_callback_siblings",
+    "validate_forest_X",
     "worker_pool_state",
 ]
 
@@ -82,9 +88,19 @@ PRIVATE_APIS = {
     "control (shutdown, cancel_consumer...) unless the operator allows it",
     "celery.worker.control.revoke, celery.app.utils.filter_hidden_settings": "the "
     "signed clustersearch_revoke does what revoke does; inspect conf is masked",
+    "sklearn.utils._param_validation.Interval, StrOptions": "the constraints of "
+    "keep= and replicas= in scikit-learn's own parameter validation",
+    "sklearn.ensemble BaseEnsemble._make_estimator, _forest._accumulate_prediction, "
+    "BaseForest._validate_X_predict": "a forest kept on the nodes builds its parts "
+    "from the client's seeds with scikit-learn's own fit, and sums their outputs "
+    "as scikit-learn's predict does",
 }
 
 # -- scikit-learn ---------------------------------------------------------------
+
+# Parameter constraints of our estimators' own parameters, in scikit-learn's
+# validation (the same one its estimators use).
+from sklearn.utils._param_validation import Interval, StrOptions  # noqa: E402
 
 try:
     from sklearn.utils.parallel import _FuncWrapper as FuncWrapper
@@ -111,6 +127,95 @@ def fit_and_score() -> Any:
     from sklearn.model_selection._validation import _fit_and_score
 
     return _fit_and_score
+
+
+def forest_seeds(random_state: Any, n_trees: int) -> list[int]:
+    """The seeds scikit-learn's ``BaseForest.fit`` gives its ``n_trees``
+    trees: one ``randint(MAX_INT)`` per tree from ``check_random_state``, in
+    order (``BaseEnsemble._make_estimator`` through ``_set_random_states``)."""
+    import numpy as np
+    from sklearn.utils import check_random_state
+
+    rng = check_random_state(random_state)
+    return [int(rng.randint(np.iinfo(np.int32).max)) for _ in range(n_trees)]
+
+
+def build_forest_part(
+    estimator: Any,
+    seeds: list[int],
+    X: Any,
+    y: Any,
+    sample_weight: Any = None,
+    fit_params: dict[str, Any] | None = None,
+) -> Any:
+    """A fitted copy of forest ``estimator`` whose trees are those that
+    scikit-learn's ``fit`` builds with ``seeds``, in order.
+
+    scikit-learn's own ``fit`` runs, unchanged, on a clone with
+    ``n_estimators=len(seeds)``; only ``_make_estimator`` is replaced, on the
+    instance, so that the i-th tree gets ``seeds[i]`` (instead of a draw from
+    the forest's ``random_state``), as ``_set_random_states`` sets it.
+    """
+    from sklearn.base import clone
+
+    part = clone(estimator).set_params(
+        n_estimators=len(seeds), warm_start=False, oob_score=False, n_jobs=None
+    )
+    make = part._make_estimator
+    left = iter(seeds)
+
+    def seeded(append: bool = True, random_state: Any = None) -> Any:
+        tree = make(append=False, random_state=None)
+        keys = [k for k in tree.get_params(deep=True) if k.endswith("random_state")]
+        if len(keys) != 1:  # pragma: no cover - not a scikit-learn tree
+            raise TypeError(f"cannot seed {type(tree).__name__}: random_state params {keys}")
+        tree.set_params(**{keys[0]: next(left)})
+        if append:  # pragma: no cover - BaseForest.fit asks with append=False
+            part.estimators_.append(tree)
+        return tree
+
+    part._make_estimator = seeded
+    try:
+        part.fit(X, y, sample_weight=sample_weight, **(fit_params or {}))
+    finally:
+        del part._make_estimator
+    if len(part.estimators_) != len(seeds):  # pragma: no cover - another scikit-learn
+        raise RuntimeError("scikit-learn's forest fit did not build one tree per seed")
+    return part
+
+
+def forest_part_sums(part: Any, X: Any, method: str) -> list[Any]:
+    """The sum of the trees' ``method`` ("predict_proba" or "predict")
+    outputs on validated ``X``, one float64 array per output, added tree by
+    tree with scikit-learn's ``_accumulate_prediction`` (what its forests'
+    predict methods do before dividing by the number of trees)."""
+    import threading
+
+    import numpy as np
+    from sklearn.ensemble._forest import _accumulate_prediction
+
+    n = X.shape[0]
+    if method == "predict_proba":
+        out = [np.zeros((n, j), dtype=np.float64) for j in np.atleast_1d(part.n_classes_)]
+    elif part.n_outputs_ > 1:
+        out = [np.zeros((n, part.n_outputs_), dtype=np.float64)]
+    else:
+        out = [np.zeros(n, dtype=np.float64)]
+    lock = threading.Lock()
+    for tree in part.estimators_:
+        _accumulate_prediction(getattr(tree, method), X, out, lock)
+    return out
+
+
+def validate_forest_X(shell: Any, X: Any) -> Any:
+    """``X`` as forest ``shell`` (fitted, without its trees) predicts on it:
+    scikit-learn's ``BaseForest._validate_X_predict``, which looks at the
+    first tree only for its tags (an unfitted copy stands in)."""
+    import copy
+
+    view = copy.copy(shell)
+    view.estimators_ = [shell._make_estimator(append=False)]
+    return view._validate_X_predict(X)
 
 
 # -- joblib -----------------------------------------------------------------------

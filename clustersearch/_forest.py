@@ -17,6 +17,7 @@ the forest fits as plain scikit-learn: a node never sends work.
 from __future__ import annotations
 
 from collections.abc import Callable
+from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -29,6 +30,8 @@ from sklearn.ensemble import (
     RandomForestRegressor,
 )
 
+from ._compat import Interval, StrOptions
+from ._resident import KeepOnNodesMixin
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
 from .wire.context import in_node_task
@@ -53,7 +56,11 @@ __all__ = [
     "ClusterRandomForestRegressor",
 ]
 
-_CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
+_CLUSTER_CONSTRAINT = {
+    "cluster": [None, str, Cluster],
+    "keep": [StrOptions({"client", "nodes"})],
+    "replicas": [Interval(Integral, 1, None, closed="left")],
+}
 
 # The most bytes of trees one task sends back, once the first trees have
 # shown their size: a result is one broker message (RabbitMQ 4 refuses
@@ -68,13 +75,27 @@ _CLUSTER_DOC = """
         when set, else an embedded :class:`~clustersearch.LocalCluster` with
         one node per CPU core, started on first use and kept for the process.
         Inside a fit on a node (the forest is the estimator of a cluster
-        search) the trees are built in that fit's process."""
+        search) the trees are built in that fit's process.
+    keep : {"client", "nodes"}, default="client"
+        Where the fitted trees live. ``"client"``: they come back and the
+        forest is a scikit-learn forest. ``"nodes"``: each part of the
+        forest stays in the stores of the nodes that built it (``replicas``
+        of them), the forest holds a handle (it pickles in a few kB), and
+        ``predict``, ``predict_proba``, ``predict_log_proba`` and ``score``
+        ask the nodes, which send back their parts' sums; see
+        :meth:`to_local` and :meth:`delete`. For forests bigger than one
+        machine holds. ``oob_score`` and ``warm_start`` need ``"client"``.
+    replicas : int, default=2
+        With ``keep="nodes"``: on how many nodes each part is kept (at most
+        the number of nodes); predictions survive the loss of
+        ``replicas - 1`` of them."""
 
 _FITTED_DOC = """\
     fits_per_node_ : dict of str -> int
         How many trees of the last ``fit`` each node built (with
-        ``warm_start``, the trees that fit added). Empty where the forest was
-        fitted inside a node's task.
+        ``warm_start``, the trees that fit added; with ``keep="nodes"``, the
+        trees of every copy it keeps). Empty where the forest was fitted
+        inside a node's task.
     fit_processes_ : dict of str -> list of int
         The process ids, on each node, of the worker processes that built
         the trees (a node's pool processes).
@@ -93,7 +114,7 @@ _SAME_AS = """\
     the fitted trees."""
 
 
-class _ClusterForestMixin(_ForestBase):
+class _ClusterForestMixin(KeepOnNodesMixin, _ForestBase):
     """What the four forests add to their scikit-learn original."""
 
     if TYPE_CHECKING:
@@ -132,6 +153,24 @@ class _ClusterForestMixin(_ForestBase):
         # scikit-learn's own validation first: nothing is sent for a typo.
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
+        if self.keep == "nodes":
+            # The trees stay on the nodes; this forest holds a handle.
+            self._fit_on_nodes(X, y, sample_weight)
+            handle = self.resident_
+            assert handle is not None
+            built: dict[str, int] = {}
+            for (start, stop), holders in zip(handle.parts, handle.holders):
+                for node in holders:
+                    built[node] = built.get(node, 0) + stop - start
+            # Trees each node built, its copies of parts included.
+            self.fits_per_node_ = dict(sorted(built.items()))
+            pids = handle.last_run.get("pids", set())
+            self.fit_processes_ = {
+                n: sorted(p for m, p in pids if m == n) for n in self.fits_per_node_
+            }
+            self.result_bytes_per_node_ = {}
+            return self
+        self.__dict__.pop("resident_", None)
         cluster = resolve_cluster(self.cluster)
         with cluster.session(verbose=self.verbose) as session:
             old = len(getattr(self, "estimators_", ())) if self.warm_start else 0
@@ -205,6 +244,8 @@ estimators_samples_
         max_samples: int | float | None = None,
         monotonic_cst: ArrayLike | None = None,
         cluster: Cluster | str | None = None,
+        keep: str = "client",
+        replicas: int = 2,
     ) -> None:
         super().__init__(
             n_estimators=n_estimators,
@@ -228,6 +269,8 @@ estimators_samples_
             monotonic_cst=monotonic_cst,
         )
         self.cluster = cluster
+        self.keep = keep
+        self.replicas = replicas
 
 
 class ClusterRandomForestRegressor(_ClusterForestMixin, RandomForestRegressor):
@@ -281,6 +324,8 @@ feature_importances_, oob_score_, oob_prediction_, estimators_samples_
         max_samples: int | float | None = None,
         monotonic_cst: ArrayLike | None = None,
         cluster: Cluster | str | None = None,
+        keep: str = "client",
+        replicas: int = 2,
     ) -> None:
         super().__init__(
             n_estimators=n_estimators,
@@ -303,6 +348,8 @@ feature_importances_, oob_score_, oob_prediction_, estimators_samples_
             monotonic_cst=monotonic_cst,
         )
         self.cluster = cluster
+        self.keep = keep
+        self.replicas = replicas
 
 
 class ClusterExtraTreesClassifier(_ClusterForestMixin, ExtraTreesClassifier):
@@ -358,6 +405,8 @@ estimators_samples_
         max_samples: int | float | None = None,
         monotonic_cst: ArrayLike | None = None,
         cluster: Cluster | str | None = None,
+        keep: str = "client",
+        replicas: int = 2,
     ) -> None:
         super().__init__(
             n_estimators=n_estimators,
@@ -381,6 +430,8 @@ estimators_samples_
             monotonic_cst=monotonic_cst,
         )
         self.cluster = cluster
+        self.keep = keep
+        self.replicas = replicas
 
 
 class ClusterExtraTreesRegressor(_ClusterForestMixin, ExtraTreesRegressor):
@@ -434,6 +485,8 @@ feature_importances_, oob_score_, oob_prediction_, estimators_samples_
         max_samples: int | float | None = None,
         monotonic_cst: ArrayLike | None = None,
         cluster: Cluster | str | None = None,
+        keep: str = "client",
+        replicas: int = 2,
     ) -> None:
         super().__init__(
             n_estimators=n_estimators,
@@ -456,3 +509,5 @@ feature_importances_, oob_score_, oob_prediction_, estimators_samples_
             monotonic_cst=monotonic_cst,
         )
         self.cluster = cluster
+        self.keep = keep
+        self.replicas = replicas

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="BLAS/OpenMP threads per fit (default: CPU cores / concurrency)")
     worker.add_argument("--max-payload", default=os.environ.get("CLUSTERSEARCH_MAX_PAYLOAD"),
                         help="refuse task payloads larger than this, unread (default 64MiB)")
+    worker.add_argument("--store-size", default=os.environ.get("CLUSTERSEARCH_STORE_BYTES"),
+                        help="bound of the node's store of forest parts kept on the "
+                        "nodes (keep='nodes'); a part beyond it is refused (default 2GiB)")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
     # For LocalCluster (see _lifeline): stop when this pipe's write end, held
@@ -172,6 +175,7 @@ def _run_worker(args: argparse.Namespace) -> None:
     try:
         defaults = NodeSettings.from_environ()
         max_payload = parse_size(args.max_payload) if args.max_payload else defaults.max_payload
+        store_bytes = parse_size(args.store_size) if args.store_size else defaults.store_bytes
     except (OSError, ValueError) as exc:
         sys.exit(f"clustersearch worker: {exc}")
     settings = NodeSettings(
@@ -182,6 +186,7 @@ def _run_worker(args: argparse.Namespace) -> None:
         max_age_s=defaults.max_age_s,
         secret=secret,
         allow_remote_control=args.allow_remote_control or defaults.allow_remote_control,
+        store_bytes=store_bytes,
     )
 
     from .node.app import create_node_app
@@ -209,11 +214,13 @@ def _run_nodes(args: argparse.Namespace) -> int:
     if not nodes:
         print(f"no node answered within {args.timeout} s", file=sys.stderr)
         return 1
-    rows = [("NODE", "QUEUE", "CONCURRENCY", "HOST", "PYTHON", "SKLEARN", "NUMPY", "CLUSTERSEARCH")]
+    rows = [("NODE", "QUEUE", "CONCURRENCY", "HOST", "PYTHON", "SKLEARN", "NUMPY", "CLUSTERSEARCH",
+             "STORE")]  # fmt: skip
     for n in nodes:
         v = n.versions
         rows.append((n.name, n.queue, str(n.concurrency), n.host, v.get("python", "?"),
-                     v.get("scikit-learn", "?"), v.get("numpy", "?"), v.get("clustersearch", "?")))
+                     v.get("scikit-learn", "?"), v.get("numpy", "?"), v.get("clustersearch", "?"),
+                     f"{n.store_bytes}/{n.store_limit}"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

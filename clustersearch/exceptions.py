@@ -18,11 +18,15 @@ __all__ = [
     "MissingDependencyError",
     "NoWorkersError",
     "NodeFailureError",
+    "NodeLostError",
+    "PartLostError",
     "NodeStartupError",
     "MessageRejected",
     "NotPicklableError",
     "RemoteTraceback",
     "SecretMismatchError",
+    "StoreFullError",
+    "TreesOnNodesError",
     "VersionMismatchError",
 ]
 
@@ -102,3 +106,29 @@ class MessageRejected(ClusterSearchError, PermissionError):
 
 class BlobError(ClusterSearchError, RuntimeError):
     """A node could not fetch data (a blob) from the client."""
+
+
+class NodeLostError(ClusterSearchError, ConnectionError):
+    """Work pinned to one node (it needs what that node holds) could not run
+    there: the node was lost, or never was among the live nodes. Pinned work
+    never runs elsewhere; the caller decides where to ask next."""
+
+
+class PartLostError(ClusterSearchError, RuntimeError):
+    """Every copy of a part of a forest kept on the nodes is gone.
+
+    The message names the part, its trees and the nodes that held it. A
+    forest never answers with the parts it has left: refit it.
+    """
+
+
+class TreesOnNodesError(ClusterSearchError, AttributeError):
+    """What needs a forest's trees (``apply``, ``feature_importances_``...)
+    was asked of a forest whose trees stay on the nodes (``keep="nodes"``):
+    call its ``to_local()``. An AttributeError, so that ``hasattr`` says
+    such a forest has no ``feature_importances_``, as scikit-learn expects."""
+
+
+class StoreFullError(ClusterSearchError, MemoryError):
+    """A node's store of forest parts would exceed its bound (``clustersearch
+    worker --store-size``); the message names the node and the limit."""

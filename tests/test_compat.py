@@ -222,3 +222,13 @@ def test_celery_revoke_and_filter_hidden_settings():
         {"broker_url": "amqp://user:pw@host//", "clustersearch_secret": "x"}
     )
     assert "pw" not in masked["broker_url"] and masked["clustersearch_secret"] != "x"
+
+
+def test_sklearn_param_validation_constraints_reject_what_they_exclude():
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from clustersearch import ClusterRandomForestClassifier
+
+    for bad in ({"keep": "disk"}, {"replicas": 0}):
+        with pytest.raises(InvalidParameterError, match=next(iter(bad))):
+            ClusterRandomForestClassifier(**bad).fit([[0.0], [1.0]], [0, 1])

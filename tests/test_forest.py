@@ -173,7 +173,7 @@ def test_clone_params_pickle_pipeline(embedded_cluster):
     forest = ClusterRandomForestClassifier(8, max_depth=4, random_state=0, cluster=embedded_cluster)
     params = forest.get_params()
     assert params["cluster"] is embedded_cluster and params["max_depth"] == 4
-    assert set(params) == set(RandomForestClassifier().get_params()) | {"cluster"}
+    assert set(params) == set(RandomForestClassifier().get_params()) | {"cluster", "keep", "replicas"}
     copy = clone(forest)
     assert copy.get_params()["cluster"] is embedded_cluster  # shared, not copied
     pipe = make_pipeline(StandardScaler(), copy).fit(Xc, yc)

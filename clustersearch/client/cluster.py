@@ -81,6 +81,11 @@ class NodeInfo:
     consuming : bool
         Whether the node takes work from its queue (False after a
         ``cancel_consumer``: it answers, but runs nothing).
+    store_bytes : int
+        Bytes of forest parts the node keeps for forests fitted with
+        ``keep="nodes"`` (its store, ``clustersearch worker --store-size``).
+    store_limit : int
+        The bound of that store (0: not reported).
     """
 
     name: str
@@ -94,6 +99,8 @@ class NodeInfo:
     signed: bool = field(default=False, compare=False)
     stalled_s: float = field(default=0.0, compare=False)
     consuming: bool = field(default=True, compare=False)
+    store_bytes: int = field(default=0, compare=False)
+    store_limit: int = field(default=0, compare=False)
 
     @classmethod
     def from_reply(cls, info: Any) -> NodeInfo:
@@ -112,6 +119,9 @@ class NodeInfo:
         stalled = _field(info, "stalled_s", (int, float)) or 0.0
         if not 0 <= stalled < float("inf"):
             raise ValueError(f"stalled_s {stalled!r} is not a duration")
+        store = [_field(info, key, int) or 0 for key in ("store_bytes", "store_limit")]
+        if min(store) < 0:
+            raise ValueError(f"store sizes {store!r} are negative")
         versions = _field(info, "versions", dict) or {}
         if not all(isinstance(k, str) and isinstance(v, str | None) for k, v in versions.items()):
             raise ValueError("versions is not a mapping of names to version strings")
@@ -127,6 +137,8 @@ class NodeInfo:
             signed=bool(_field(info, "signed", bool)),
             consuming=_field(info, "consuming", bool) is not False,
             stalled_s=float(stalled),
+            store_bytes=store[0],
+            store_limit=store[1],
         )
 
 

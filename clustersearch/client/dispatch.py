@@ -124,12 +124,10 @@ class Dispatcher:
             return
         while True:
             with session.lock:
-                if not session.pending:
+                placed = self._place()
+                if placed is None:
                     return
-                node = session.members.pick(session.pending[0].avoid)
-                if node is None:
-                    return
-                work = session.pending.popleft()
+                work, node = placed
             # Only work with a payload waits to be sent (see Session.submit).
             assert work.payload is not None
             work.node = node
@@ -172,6 +170,34 @@ class Dispatcher:
                 session.stats.task_bytes_per_node[node] += len(work.payload)
             if backend_is_async(session.app.backend):
                 result.then(self._on_ready)
+
+    def _place(self) -> tuple[Work, str] | None:
+        """The first waiting work a node can take now, taken out of
+        ``pending``, and that node (called with the session's lock held).
+
+        Unpinned work goes to the node with the most room; when none has
+        room, nothing is placed. Pinned work waits for its own node's room
+        without holding up the work behind it, and fails with NodeLostError
+        when its node is not live.
+        """
+        session = self.session
+        members = session.members
+        for work in list(session.pending):
+            if work.only is not None:
+                if work.only not in members.window:
+                    session.pending.remove(work)
+                    self.failures.pinned_lost(work, "it is not among the live nodes")
+                    continue
+                node = members.pick(only=work.only)
+                if node is None:
+                    continue
+            else:
+                node = members.pick(work.avoid)
+                if node is None:
+                    return None
+            session.pending.remove(work)
+            return work, node
+        return None
 
     def _collect(self, backend: Any, wait: float) -> None:
         session = self.session

@@ -21,7 +21,7 @@ from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
 from .._compat import is_rpc_backend, result_consumer_connection
-from ..exceptions import MessageRejected, NodeFailureError
+from ..exceptions import MessageRejected, NodeFailureError, NodeLostError
 from .recovery import (
     backups,
     deadline_error,
@@ -102,7 +102,9 @@ class Failures:
             for task_id in stale:
                 # Its result, should it ever come, no longer matches anything.
                 work = session.copies.pop(task_id).work
-                if not self.dispatcher.has_copy(work):
+                if work.only is not None:
+                    self.pinned_lost(work, f"the node was lost ({reason})")
+                elif not self.dispatcher.has_copy(work):
                     self.failed_try(work, name, f"the node stopped answering: {reason}")
             self.stale[name].update(stale)
         silent = now - session.members.last_seen.get(name, now)
@@ -111,6 +113,16 @@ class Failures:
             self.dispatcher.revoke(stale)
             if self.dispatcher.reclaim(name, stale):
                 self.stale[name].difference_update(stale)
+
+    def pinned_lost(self, work: Work, why: str) -> None:
+        """Work pinned to a node that is lost (or not live) fails with
+        NodeLostError; it never runs elsewhere. Called with the lock held."""
+        work.error = NodeLostError(
+            f"work pinned to node {work.only!r} cannot run there: {why}. It needs "
+            "what that node holds and is not sent to another node"
+        )
+        self.session.stats.event("pinned-lost", work.only, why=why)
+        self.session.finished.append(work)
 
     def sweep_lost_queues(self) -> None:
         """Take this session's stale work out of the queues of lost nodes."""
@@ -210,7 +222,9 @@ class Failures:
             )
             chosen = backups(
                 in_flight, idle, late, time.monotonic(),
-                skip=lambda work: work.backed_up or work in session.pending,
+                skip=lambda work: (
+                    work.backed_up or work.only is not None or work in session.pending
+                ),
             )  # fmt: skip
             for work, node, target, waited in chosen:
                 work.backed_up = True

@@ -56,6 +56,9 @@ class LocalCluster(Cluster):
         Bound of the nodes' data cache (``"2GB"``, ``"512MiB"``, bytes);
         None is the worker's default, 2 GiB. The nodes of one LocalCluster
         share one cache folder, as the nodes of one machine do by default.
+    store_size : int or str, default=None
+        Bound of each node's store of forest parts (``keep="nodes"``); None
+        is the worker's default, 2 GiB.
     **kwargs
         Passed to :class:`Cluster`.
 
@@ -85,8 +88,10 @@ class LocalCluster(Cluster):
         allow_root: bool | None = None,
         loglevel: str = "WARNING",
         cache_size: int | str | None = None,
+        store_size: int | str | None = None,
         **kwargs: Any,
     ) -> None:
+        self.store_size = store_size
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.cache_size = cache_size
         if kwargs.get("secret") is None and load_secret() is None:
@@ -171,6 +176,8 @@ class LocalCluster(Cluster):
             ]  # fmt: skip
             if self.cache_size is not None:
                 cmd += ["--cache-size", str(self.cache_size)]
+            if self.store_size is not None:
+                cmd += ["--store-size", str(self.store_size)]
             if self.backend:
                 cmd += ["--backend", self.backend]
             if self.allow_root:

@@ -54,12 +54,16 @@ class Membership:
 
     # -- placement
 
-    def pick(self, avoid: Iterable[str] = ()) -> str | None:
+    def pick(self, avoid: Iterable[str] = (), only: str | None = None) -> str | None:
         """The live node with the most free room, relative to its concurrency.
 
         Nodes in ``avoid`` (where the batch already failed, or where its
-        other copy runs) come last.
+        other copy runs) come last. With ``only``, that node if it is live
+        and has room, else None (pinned work never goes elsewhere).
         """
+        if only is not None:
+            free = self.window.get(only, 0) - self.busy[only]
+            return only if only in self.window and free > 0 else None
         avoid = set(avoid)
         best, best_room = None, 0.0
         for name, window in self.window.items():

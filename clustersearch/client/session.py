@@ -220,12 +220,23 @@ class Session:
         """The live nodes' total concurrency."""
         return self.members.capacity
 
-    def submit(self, func: Any, callback: Callable[[Future], Any] | None = None) -> Future:
-        """Queue ``func`` (a joblib batch) for a node; return its future."""
+    def submit(
+        self,
+        func: Any,
+        callback: Callable[[Future], Any] | None = None,
+        *,
+        only: str | None = None,
+    ) -> Future:
+        """Queue ``func`` (a joblib batch) for a node; return its future.
+
+        With ``only``, the work runs on node ``only`` or not at all: if that
+        node is not live, or is lost before the work is done, the future
+        fails with :class:`~clustersearch.exceptions.NodeLostError`.
+        """
         n_calls = len(func) if hasattr(func, "__len__") else 1
         try:
             payload, refs = dumps_with_blobs(func, self.blobs, self.drop)
-            work = Work(payload, callback, n_calls, refs=refs, batch=func)
+            work = Work(payload, callback, n_calls, refs=refs, batch=func, only=only)
         except Exception as exc:
             error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
             error.__cause__ = exc

@@ -15,7 +15,7 @@ class Work:
 
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
-        "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "sent_at",
+        "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "sent_at", "only",
     )  # fmt: skip
 
     def __init__(
@@ -26,6 +26,7 @@ class Work:
         error: BaseException | None = None,
         refs: Sequence[tuple[str, str, int]] = (),
         batch: Any = None,
+        only: str | None = None,
     ) -> None:
         self.payload = payload
         self.refs = refs
@@ -43,6 +44,9 @@ class Work:
         self.backed_up = False  # a second copy was sent
         self.rejected = 0  # results that failed verification (dropped)
         self.sent_at: float | None = None  # when the copy that won was sent (monotonic)
+        # Pinned work runs on this node or nowhere (it needs what the node
+        # holds): when the node is lost it fails with NodeLostError.
+        self.only = only
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ from ..wire.protocol import INFO_COMMAND, QUEUE_PREFIX, local_versions, node_nam
 from ..wire.signing import Signer
 from .pool import pool_watch
 from .settings import CONF_KEY
+from .store import PartStore
 
 __all__ = ["node_info", "sign_info"]
 
@@ -55,5 +56,9 @@ def _clustersearch_info(state: Any, nonce: Any = None) -> dict[str, Any]:
     # False once it stopped taking work from its queue (cancel_consumer): a
     # node that still answers but runs nothing is lost to the client.
     info["consuming"] = any(q.startswith(QUEUE_PREFIX) for q in queues)
+    # The forest parts it keeps (node/store.py): bytes on disk, and its bound.
+    store = PartStore(settings.cache_dir, settings.store_bytes, info["node"])
+    info["store_bytes"] = store.nbytes()
+    info["store_limit"] = settings.store_bytes
     # Signed last: the proof covers every field above.
     return sign_info(info, signer, nonce)

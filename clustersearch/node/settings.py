@@ -13,7 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..wire.blobs import DEFAULT_CACHE_BYTES, default_cache_dir, parse_size
+from ..wire.blobs import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_STORE_BYTES,
+    default_cache_dir,
+    parse_size,
+)
 from ..wire.signing import DEFAULT_MAX_AGE_S, load_secret
 
 __all__ = ["CONF_KEY", "MAX_PAYLOAD_BYTES", "NodeSettings"]
@@ -48,6 +53,9 @@ class NodeSettings:
         Obey Celery's state-changing remote control (``shutdown``,
         ``cancel_consumer``, ``pool_shrink``..., and unsigned ``revoke``) from
         anyone who can publish to the broker (``node.remote``).
+    store_bytes : int, default=2 GiB
+        Bound of the node's store of forest parts (``node.store``): a part
+        that would take it over is refused.
     """
 
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -57,13 +65,14 @@ class NodeSettings:
     max_age_s: float = DEFAULT_MAX_AGE_S
     secret: bytes | None = field(default=None, repr=False)
     allow_remote_control: bool = False
+    store_bytes: int = DEFAULT_STORE_BYTES
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> NodeSettings:
         """The settings ``$CLUSTERSEARCH_*`` give (for ``celery -A
         clustersearch.worker``): CACHE_DIR, CACHE_BYTES,
         THREADS_PER_PROCESS, MAX_PAYLOAD, MAX_AGE_S, SECRET or SECRET_FILE,
-        ALLOW_REMOTE_CONTROL (1 to allow)."""
+        ALLOW_REMOTE_CONTROL (1 to allow), STORE_BYTES."""
         get = environ.get
         secret = get("CLUSTERSEARCH_SECRET") or None
         secret_file = None if secret else get("CLUSTERSEARCH_SECRET_FILE") or None
@@ -76,4 +85,5 @@ class NodeSettings:
             secret=load_secret(secret, secret_file) if (secret or secret_file) else None,
             allow_remote_control=(get("CLUSTERSEARCH_ALLOW_REMOTE_CONTROL") or "0").lower()
             in ("1", "true", "yes"),
+            store_bytes=parse_size(get("CLUSTERSEARCH_STORE_BYTES") or DEFAULT_STORE_BYTES),
         )

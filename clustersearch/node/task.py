@@ -18,12 +18,13 @@ from celery.worker.request import Request
 from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
 from ..wire.context import node_task
-from ..wire.protocol import RemoteFailure, node_name
+from ..wire.protocol import RemoteFailure, StoreCall, node_name
 from ..wire.serialization import COMPRESS_OVER, dumps
 from ..wire.signing import Signer
 from .cache import NodeCache
 from .guard import fit_guard
 from .settings import CONF_KEY, NodeSettings
+from .store import PartStore
 
 __all__ = ["SignedLostRequest", "run_batch"]
 
@@ -169,7 +170,12 @@ def run_batch(
             node_task(),
         ):
             with redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
-                output = batch()
+                if isinstance(batch, StoreCall):
+                    # A request to this node's store of forest parts.
+                    store = PartStore(here.settings.cache_dir, here.settings.store_bytes, node)
+                    output = store.run(batch)
+                else:
+                    output = batch()
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise

@@ -34,6 +34,7 @@ from ..exceptions import ConfigurationError
 __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_CACHE_BYTES",
+    "DEFAULT_STORE_BYTES",
     "MIN_BLOB_BYTES",
     "RAW",
     "TAG",
@@ -54,6 +55,8 @@ MIN_BLOB_BYTES = 8 * 1024
 CHUNK_BYTES = 1024 * 1024
 RAW = "application/octet-stream"
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+# Bound of a node's store of forest parts (node/store.py).
+DEFAULT_STORE_BYTES = 2 * 1024**3
 
 _HASH_BYTES = 16
 _REPLY_PREFIX = "clustersearch.reply."

@@ -17,6 +17,7 @@ import platform
 import socket
 import sys
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
@@ -26,8 +27,10 @@ __all__ = [
     "QUEUE_PREFIX",
     "RESULT_KEYS",
     "STOP_SIGNAL",
+    "STORE_OPS",
     "TASK_NAME",
     "RemoteFailure",
+    "StoreCall",
     "local_versions",
     "node_name",
     "warning_category",
@@ -44,6 +47,29 @@ STOP_SIGNAL = "SIGUSR2"
 
 # What a node's pickled result holds.
 RESULT_KEYS = ("output", "stdout", "warnings", "node", "pid", "fetched", "started", "finished")
+
+
+# What a client may ask of a node's store of forest parts (``node/store.py``):
+# build parts from seeds and keep them, sum their trees' outputs on X, send
+# them back, drop them.
+STORE_OPS = ("build", "outputs", "fetch", "drop")
+
+
+@dataclass(frozen=True)
+class StoreCall:
+    """A request to a node's store of forest parts.
+
+    It travels as the payload of an ordinary task (signed, its arrays sent
+    as blob references like a batch's), pinned to one node: the node runs
+    it in its store (``node/store.py``) instead of calling it. ``forest``
+    names the forest (hex), ``parts`` the parts concerned (empty: all of
+    them, for ``drop``), ``args`` the operation's arguments.
+    """
+
+    op: str
+    forest: str
+    parts: tuple[int, ...] = ()
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 def queue_for(node: str) -> str:
