@@ -23,6 +23,8 @@ __all__ = [
     "ClusterHalvingGridSearchCV",
     "ClusterHalvingRandomSearchCV",
     "ClusterRandomizedSearchCV",
+    "ClusterStackingClassifier",
+    "ClusterStackingRegressor",
     "LocalCluster",
     "NodeInfo",
     "Policy",
@@ -39,6 +41,8 @@ _WHERE = {
     "ClusterHalvingGridSearchCV": "._search",
     "ClusterHalvingRandomSearchCV": "._search",
     "ClusterRandomizedSearchCV": "._search",
+    "ClusterStackingClassifier": "._stacking",
+    "ClusterStackingRegressor": "._stacking",
 }
 
 if TYPE_CHECKING:
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
         ClusterHalvingRandomSearchCV,
         ClusterRandomizedSearchCV,
     )
+    from ._stacking import ClusterStackingClassifier, ClusterStackingRegressor
     from .client.cluster import Cluster, NodeInfo
     from .client.local import LocalCluster
     from .client.policy import Policy

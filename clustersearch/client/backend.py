@@ -37,6 +37,11 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         Accept only the first ``Parallel`` configured with this backend (a
         search's own), and hand every later one (the refit's, which
         scikit-learn runs in the client) to joblib's local backends.
+    later : callable, default=None
+        With ``first_only``: ``later()`` gives the backend for each later
+        ``Parallel`` (None: joblib's local backends, as without it). The
+        stacking estimators use it to run a ``Parallel`` in the client whose
+        calls' own ``Parallel`` calls run on the nodes.
 
     Notes
     -----
@@ -58,12 +63,14 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         session: Session,
         *,
         first_only: bool = False,
+        later: Callable[[], Any] | None = None,
         nesting_level: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, **kwargs)
         self.session = session
         self.first_only = first_only
+        self.later = later
         self._claimed: Any = None  # the Parallel this backend accepted
 
     def configure(
@@ -77,8 +84,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         threads = prefer == "threads" or require == "sharedmem"
         foreign = self.first_only and self._claimed is not None and parallel is not self._claimed
         if threads or foreign:
-            local = ThreadingBackend if threads else LokyBackend
-            raise FallbackToBackend(local(nesting_level=0))
+            chosen = self.later() if foreign and not threads and self.later else None
+            if chosen is None:
+                chosen = (ThreadingBackend if threads else LokyBackend)(nesting_level=0)
+            raise FallbackToBackend(chosen)
         self._claimed = parallel
         self.parallel = parallel
         return self.effective_n_jobs(n_jobs)

@@ -15,7 +15,7 @@ from celery.worker.request import Request
 
 from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
-from ..wire.protocol import RemoteFailure, node_name
+from ..wire.protocol import RemoteFailure, node_name, node_task
 from ..wire.serialization import dumps
 from ..wire.signing import Signer
 from .cache import NodeCache
@@ -142,7 +142,9 @@ def run_batch(
         # sequentially here (the node's processes already fill its cores).
         # What the fits print (scikit-learn's verbose lines) goes back to the
         # client, which prints it there.
-        with fit_guard.fit(), parallel_config(backend="sequential"):
+        # node_task: a search among the fitted estimators fits here, in this
+        # process, instead of dispatching again from the node.
+        with fit_guard.fit(), parallel_config(backend="sequential"), node_task():
             with redirect_stdout(printed):
                 output = batch()
     except BaseException as exc:

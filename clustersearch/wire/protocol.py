@@ -17,6 +17,9 @@ import platform
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from .. import __version__
@@ -28,8 +31,10 @@ __all__ = [
     "STOP_SIGNAL",
     "TASK_NAME",
     "RemoteFailure",
+    "in_node_task",
     "local_versions",
     "node_name",
+    "node_task",
     "queue_for",
 ]
 
@@ -43,6 +48,26 @@ STOP_SIGNAL = "SIGUSR2"
 
 # What a node's pickled result holds.
 RESULT_KEYS = ("output", "stdout", "node", "pid", "fetched", "started", "finished")
+
+
+_in_node_task: ContextVar[bool] = ContextVar("clustersearch_in_node_task", default=False)
+
+
+def in_node_task() -> bool:
+    """Whether this code runs inside a batch on a node: an estimator that
+    would dispatch to a cluster (a search used as a base estimator) fits
+    here instead, and never sends work from a node."""
+    return _in_node_task.get()
+
+
+@contextmanager
+def node_task() -> Iterator[None]:
+    """Mark the code in the block as running inside a node's task."""
+    token = _in_node_task.set(True)
+    try:
+        yield
+    finally:
+        _in_node_task.reset(token)
 
 
 def queue_for(node: str) -> str:
