@@ -319,7 +319,7 @@ class _ClusterSearchMixin(_SearchBase):
             lambda: model.fit(X, y), cluster, verbose=self.verbose, answers=answers
         )
         _record_session(self, session, prefix="ensemble_")
-        return model  # type: ignore[no-any-return]
+        return model
 
     def _encoded(self, index: int) -> Any:
         """A candidate's kept predictions, as stacking's own would be (it
@@ -433,7 +433,7 @@ class _Keeper:
         peeled = []
         for output in outputs:
             if isinstance(output, Kept):
-                if output.predictions is not None:
+                if output.predictions is not None and output.method is not None:
                     with self.lock:
                         self.kept[output.key] = (output.method, output.predictions)
                 output = output.result

@@ -21,7 +21,13 @@ from sklearn.ensemble import StackingClassifier, StackingRegressor
 from sklearn.model_selection import cross_val_predict
 
 from ._compat import batch_calls, joblib_backends
-from ._search import _CLUSTER_CONSTRAINT, _CLUSTER_DOC, _record_session, _TRAFFIC_DOC, _raise_if_unpicklable
+from ._search import (
+    _CLUSTER_CONSTRAINT,
+    _CLUSTER_DOC,
+    _TRAFFIC_DOC,
+    _raise_if_unpicklable,
+    _record_session,
+)
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
 from .wire.protocol import in_node_task
@@ -166,7 +172,7 @@ class _ClusterStackingMixin:
         fit = super().fit  # type: ignore[misc]
         if in_node_task():
             # A base estimator of something a node fits: fit here.
-            return fit(X, y, **fit_params)  # type: ignore[no-any-return]
+            return fit(X, y, **fit_params)
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
         _raise_if_unpicklable("estimators", self.estimators)

@@ -185,3 +185,20 @@ def test_clear_errors(kept, embedded_cluster):
                                    cluster=embedded_cluster).fit(X, y)  # fmt: skip
     with pytest.raises(ValueError, match=r"exactly once in a test set"):
         shuffled.ensemble(k=2)
+
+
+def test_keep_predictions_with_failing_fits_and_a_precomputed_kernel(embedded_cluster):
+    # A candidate whose fits fail (error_score) keeps no predictions; a
+    # pairwise estimator predicts its test fold as _fit_and_score splits it.
+    K = X @ X.T
+    grid = {"C": [1.0, -1.0], "kernel": ["precomputed"]}
+    cv = KFold(3)
+    with pytest.warns(UserWarning):
+        ours = ClusterGridSearchCV(SVC(), grid, cv=cv, keep_predictions=True,
+                                   cluster=embedded_cluster).fit(K, y)  # fmt: skip
+    with pytest.warns(UserWarning):
+        theirs = GridSearchCV(SVC(), grid, cv=cv).fit(K, y)
+    assert_same_results(ours, theirs)
+    assert sorted(ours.oof_predictions_) == [0] and ours.oof_methods_ == {0: "decision_function"}
+    expected = cross_val_predict(SVC(kernel="precomputed"), K, y, cv=cv, method="decision_function")
+    np.testing.assert_array_equal(ours.oof_predictions_[0], expected)

@@ -8,7 +8,11 @@ import pytest
 from conftest import assert_ran_on_workers
 from sklearn.base import clone
 from sklearn.datasets import make_classification, make_regression
-from sklearn.ensemble import RandomForestClassifier, StackingClassifier, StackingRegressor
+from sklearn.ensemble import (
+    RandomForestClassifier,
+    StackingClassifier,
+    StackingRegressor,
+)
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
