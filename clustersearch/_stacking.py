@@ -208,15 +208,7 @@ n_features_in_, feature_names_in_{classes}
 
     Examples
     --------
-    >>> from sklearn.datasets import load_iris
-    >>> from sklearn.linear_model import LogisticRegression
-    >>> from sklearn.tree import DecisionTreeClassifier
-    >>> from clustersearch import ClusterStackingClassifier, LocalCluster
-    >>> X, y = load_iris(return_X_y=True)
-    >>> base = [("lr", LogisticRegression()), ("tree", DecisionTreeClassifier())]
-    >>> with LocalCluster(n_workers=2) as cluster:  # doctest: +SKIP
-    ...     stack = ClusterStackingClassifier(base, cluster=cluster).fit(X, y)
-    """
+{example}    """
 
 
 class ClusterStackingClassifier(_ClusterStackingMixin, StackingClassifier):
@@ -227,7 +219,17 @@ class ClusterStackingClassifier(_ClusterStackingMixin, StackingClassifier):
         params="estimators, final_estimator, cv, stack_method, n_jobs, passthrough, verbose",
         cluster=_CLUSTER_DOC,
         classes=", classes_",
-        traffic=_TRAFFIC_DOC,
+        traffic=_TRAFFIC_DOC.replace("this search's fits", "the fits").replace("this search", "the fit"),
+        example="""\
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.tree import DecisionTreeClassifier
+    >>> from clustersearch import ClusterStackingClassifier, LocalCluster
+    >>> X, y = load_iris(return_X_y=True)
+    >>> base = [("lr", LogisticRegression()), ("tree", DecisionTreeClassifier())]
+    >>> with LocalCluster(n_workers=2) as cluster:  # doctest: +SKIP
+    ...     stack = ClusterStackingClassifier(base, cluster=cluster).fit(X, y)
+""",
     )
 
     _parameter_constraints = {**StackingClassifier._parameter_constraints, **_CLUSTER_CONSTRAINT}
@@ -264,9 +266,17 @@ class ClusterStackingRegressor(_ClusterStackingMixin, StackingRegressor):
         params="estimators, final_estimator, cv, n_jobs, passthrough, verbose",
         cluster=_CLUSTER_DOC,
         classes="",
-        traffic=_TRAFFIC_DOC,
-    ).replace("ClusterStackingClassifier", "ClusterStackingRegressor").replace(
-        "LogisticRegression", "LinearRegression"
+        traffic=_TRAFFIC_DOC.replace("this search's fits", "the fits").replace("this search", "the fit"),
+        example="""\
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn.linear_model import Ridge
+    >>> from sklearn.tree import DecisionTreeRegressor
+    >>> from clustersearch import ClusterStackingRegressor, LocalCluster
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> base = [("ridge", Ridge()), ("tree", DecisionTreeRegressor(max_depth=3))]
+    >>> with LocalCluster(n_workers=2) as cluster:  # doctest: +SKIP
+    ...     stack = ClusterStackingRegressor(base, cluster=cluster).fit(X, y)
+""",
     )
 
     _parameter_constraints = {**StackingRegressor._parameter_constraints, **_CLUSTER_CONSTRAINT}
