@@ -27,6 +27,8 @@ __all__ = [
     "ClusterRandomForestClassifier",
     "ClusterRandomForestRegressor",
     "ClusterRandomizedSearchCV",
+    "ClusterStackingClassifier",
+    "ClusterStackingRegressor",
     "LocalCluster",
     "NodeInfo",
     "Policy",
@@ -47,6 +49,8 @@ _WHERE = {
     "ClusterExtraTreesRegressor": "._forest",
     "ClusterRandomForestClassifier": "._forest",
     "ClusterRandomForestRegressor": "._forest",
+    "ClusterStackingClassifier": "._stacking",
+    "ClusterStackingRegressor": "._stacking",
 }
 
 if TYPE_CHECKING:
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
         ClusterHalvingRandomSearchCV,
         ClusterRandomizedSearchCV,
     )
+    from ._stacking import ClusterStackingClassifier, ClusterStackingRegressor
     from .client.cluster import Cluster, NodeInfo
     from .client.local import LocalCluster
     from .client.policy import Policy

@@ -23,6 +23,9 @@ __all__ = [
     "batch_calls",
     "batch_with_calls",
     "build_forest_part",
+    "search_cv",
+    "safe_split",
+    "response_method",
     "celery_revoke",
     "control_commands",
     "fit_and_score",
@@ -59,6 +62,14 @@ PRIVATE_APIS = {
     "all its siblings; task messages carry only the path to the root",
     "sklearn.model_selection._validation._fit_and_score": "a fit lost on every try "
     "becomes scikit-learn's own error_score entry",
+    "sklearn.model_selection._validation._fit_and_score(return_estimator=True)": "a "
+    "search with keep_predictions predicts its test fold with the fitted estimator",
+    "sklearn.utils.metaestimators._safe_split": "the test fold of a kept prediction, "
+    "split as _fit_and_score splits it",
+    "sklearn.utils.validation._check_response_method": "a kept prediction uses the "
+    "method StackingClassifier's stack_method='auto' picks",
+    "BaseSearchCV._checked_cv_orig, evaluate_candidates(candidate_params, cv)": "a "
+    "search records the splits its fits used (for ensemble)",
     "joblib._parallel_backends (ParallelBackendBase, AutoBatchingMixin, "
     "FallbackToBackend, LokyBackend, SequentialBackend, ThreadingBackend)": "the "
     "joblib backend and its local fallbacks",
@@ -216,6 +227,26 @@ def validate_forest_X(shell: Any, X: Any) -> Any:
     view = copy.copy(shell)
     view.estimators_ = [shell._make_estimator(append=False)]
     return view._validate_X_predict(X)
+def safe_split(estimator: Any, X: Any, y: Any, indices: Any, train_indices: Any = None) -> Any:
+    """scikit-learn's ``_safe_split``: rows ``indices`` of X and y, as a fit
+    and score call splits them (pairwise kernels included)."""
+    from sklearn.utils.metaestimators import _safe_split
+
+    return _safe_split(estimator, X, y, indices, train_indices)
+
+
+def response_method(estimator: Any, methods: list[str]) -> Any:
+    """The first of ``methods`` that ``estimator`` has, as a bound method
+    (``_check_response_method``; AttributeError when none)."""
+    from sklearn.utils.validation import _check_response_method
+
+    return _check_response_method(estimator, methods)
+
+
+def search_cv(search: Any) -> Any:
+    """The splitter a fitting search checked (``_checked_cv_orig``): what its
+    ``evaluate_candidates`` splits with when given no ``cv``."""
+    return search._checked_cv_orig
 
 
 # -- joblib -----------------------------------------------------------------------

@@ -183,6 +183,7 @@ class _ClusterForestMixin(KeepOnNodesMixin, _ForestBase):
             )
             with parallel_config(backend=backend):
                 super().fit(X, y, sample_weight=sample_weight)
+        session.reraise_warnings(stacklevel=2)
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
         self.fit_processes_ = {
             n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_

@@ -8,13 +8,17 @@ builds ``cv_results_`` and refits ``best_estimator_`` in the client.
 
 from __future__ import annotations
 
+import numbers
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 from joblib import parallel_config
 from sklearn import get_config
+from sklearn.base import clone, is_classifier
+from sklearn.exceptions import NotFittedError
 from sklearn.experimental import enable_halving_search_cv  # noqa: F401
 from sklearn.model_selection import (
     GridSearchCV,
@@ -23,10 +27,12 @@ from sklearn.model_selection import (
     RandomizedSearchCV,
 )
 
-from ._compat import get_active_backend
+from ._compat import batch_calls, batch_with_calls, get_active_backend, search_cv
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
 from .exceptions import CallbackNotSupportedError, NotPicklableError
+from .wire.context import in_node_task
+from .wire.predictions import STACK_METHODS, Kept, PredictingCall
 from .wire.serialization import dumps
 
 if TYPE_CHECKING:
@@ -60,6 +66,7 @@ __all__ = [
 ]
 
 _CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
+_SEARCH_CONSTRAINTS = {**_CLUSTER_CONSTRAINT, "keep_predictions": ["boolean"]}
 
 _TRAFFIC_DOC = """\
     fit_processes_ : dict of str -> list of int
@@ -95,6 +102,28 @@ _CLUSTER_DOC = """
         one node per CPU core, started on first use and kept for the process.
 """
 
+_KEEP_DOC = """\
+    keep_predictions : bool, default=False
+        Keep each fit's predictions of its test fold (``predict_proba`` for a
+        classifier that has it, else ``decision_function``, else ``predict``:
+        what stacking uses), returned by the nodes with the scores, in
+        ``oof_predictions_``. :meth:`ensemble` then stacks the best candidates
+        without fitting them again on each split. Costs client memory: one
+        prediction per sample per candidate.
+"""
+
+_ENSEMBLE_DOC = """\
+    oof_predictions_ : dict of int -> ndarray
+        With ``keep_predictions=True``: for each candidate (its index in
+        ``cv_results_``) whose test folds hold every sample once, its
+        out-of-fold predictions, rows in the order of X.
+    oof_methods_ : dict of int -> str
+        The method that made each candidate's ``oof_predictions_``.
+    ensemble_fits_per_node_, ensemble_fit_processes_ : dict
+        Like ``fits_per_node_`` and ``fit_processes_``, for the fits of the
+        last :meth:`ensemble` call.
+"""
+
 
 class _ClusterSearchMixin(_SearchBase):
     """What the four estimators add to their scikit-learn original."""
@@ -103,6 +132,7 @@ class _ClusterSearchMixin(_SearchBase):
         # Parameters and fitted attributes the mixin reads or sets (the
         # scikit-learn search sets verbose and n_splits_).
         cluster: Cluster | str | None
+        keep_predictions: bool
         verbose: int
         n_splits_: int
         fits_per_node_: dict[str, int]
@@ -131,6 +161,16 @@ class _ClusterSearchMixin(_SearchBase):
         self : object
             Instance of fitted estimator.
         """
+        # What ensemble() needs: the splits of each evaluate_candidates call
+        # (see _run_search) and the data, kept by reference (not pickled).
+        self._rounds: list[_Round] = []
+        self._fit_data = (X, y)
+        if in_node_task():
+            # A base estimator of something a node fits (a stacking's):
+            # fit here, in the node's process; never dispatch from a node.
+            super().fit(X, y, **params)
+            _record_session(self, None)
+            return self
         # scikit-learn's own validation first: nothing is sent for a typo.
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
@@ -144,24 +184,19 @@ class _ClusterSearchMixin(_SearchBase):
             _check_callbacks(callbacks, session.nodes.values())
             # Only the search's own Parallel goes to the cluster; the refit
             # (and anything else in the client) stays local.
-            with parallel_config(backend=ClusterBackend(session, first_only=True)):
+            if self.keep_predictions:
+                kind = "classifier" if is_classifier(self.estimator) else "regressor"
+                keeper = _Keeper(STACK_METHODS[kind])
+                backend: ClusterBackend = _KeepingBackend(session, keeper)
+            else:
+                backend = ClusterBackend(session, first_only=True)
+            with parallel_config(backend=backend):
                 super().fit(X, y, **params)
+        if self.keep_predictions:
+            self._assemble_predictions(keeper, _n_samples(X))
         # What the fits warned on the nodes, raised here as a local search would.
         session.reraise_warnings(stacklevel=2)
-        self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
-        self.fit_processes_ = {
-            n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_
-        }
-        nodes = sorted(set(session.tasks_per_node) | set(session.data_bytes_per_node))
-        self.data_bytes_per_node_ = {n: session.data_bytes_per_node[n] for n in nodes}
-        self.message_bytes_per_node_ = {n: session.task_bytes_per_node[n] for n in nodes}
-        self.fit_timeline_ = session.stats.timeline()
-        self.fit_warnings_ = [
-            {"category": f"{module}.{name}", "message": message, "count": count,
-             "nodes": sorted(nodes)}
-            for (module, name, message), (count, nodes) in session.stats.warnings.items()
-        ]  # fmt: skip
-        self.fit_failures_ = list(session.stats.fit_errors)
+        _record_session(self, session)
         if self.verbose > 0:
             print(_traffic_summary(session))
         return self
@@ -201,6 +236,185 @@ class _ClusterSearchMixin(_SearchBase):
         from .client.timeline import write_chrome_trace
 
         write_chrome_trace(self.fit_timeline_, path)
+    def __getstate__(self) -> dict[str, Any]:
+        # The data ensemble() uses stays out of pickles (ensemble(X=, y=)).
+        state = dict(super().__getstate__())
+        state.pop("_fit_data", None)
+        return state
+
+    def _assemble_predictions(self, keeper: _Keeper, n_samples: int) -> None:
+        self.oof_predictions_: dict[int, Any] = {}
+        self.oof_methods_: dict[int, str] = {}
+        for round_ in self._rounds:
+            if not _is_partition(round_.splits, n_samples):
+                continue
+            for index in range(round_.offset, round_.offset + round_.n_candidates):
+                parts = [keeper.kept.get((index, s)) for s in range(len(round_.splits))]
+                if any(part is None for part in parts):
+                    continue  # a fit failed (error_score): no prediction
+                methods = {method for method, _ in parts}  # type: ignore[misc]
+                if len(methods) != 1:
+                    continue
+                first = np.asarray(parts[0][1])  # type: ignore[index]
+                oof = np.empty((n_samples, *first.shape[1:]), dtype=first.dtype)
+                for (_, test), (_, predictions) in zip(round_.splits, parts):  # type: ignore[misc]
+                    oof[test] = predictions
+                self.oof_predictions_[index] = oof
+                self.oof_methods_[index] = methods.pop()
+
+    def ensemble(
+        self,
+        k: int = 5,
+        method: str = "stack",
+        final_estimator: BaseEstimator | None = None,
+        *,
+        voting: str = "soft",
+        X: ArrayLike | None = None,
+        y: ArrayLike | None = None,
+    ) -> BaseEstimator:
+        """An ensemble of the ``k`` best candidates, fitted on the cluster.
+
+        The candidates are ranked by the refit metric (``rank_test_<refit>``,
+        or ``rank_test_score`` with one metric; halving searches: among the
+        candidates of the last round). Each is ``clone(estimator)`` with its
+        ``params``, refitted on all the data on the nodes. ``method="stack"``
+        stacks them with scikit-learn's ``StackingClassifier`` (or
+        ``StackingRegressor``) on the search's own folds: with
+        ``keep_predictions=True`` their out-of-fold predictions come from the
+        search's fits (k fits in all); without, the nodes compute them again
+        (k x n_splits more fits). The final estimator is fitted in the
+        client, on the stacked predictions. ``method="vote"`` builds a
+        ``VotingClassifier`` (or ``VotingRegressor``).
+
+        Parameters
+        ----------
+        k : int, default=5
+            How many of the best candidates to combine.
+        method : {"stack", "vote"}, default="stack"
+        final_estimator : estimator, default=None
+            The stacking's final estimator; None: scikit-learn's default
+            (``LogisticRegression``, ``RidgeCV`` for regression).
+        voting : {"soft", "hard"}, default="soft"
+            For ``method="vote"`` with a classifier.
+        X, y : array-like, default=None
+            The data; None: the data the search was fitted on (not kept by a
+            pickled search: pass it again).
+
+        Returns
+        -------
+        ensemble : StackingClassifier, StackingRegressor, VotingClassifier or VotingRegressor
+            A fitted scikit-learn estimator, usable without the cluster.
+        """
+        from sklearn.ensemble import (
+            StackingClassifier,
+            StackingRegressor,
+            VotingClassifier,
+            VotingRegressor,
+        )
+
+        from ._stacking import fit_on_cluster
+
+        name = type(self).__name__
+        if not hasattr(self, "cv_results_"):
+            raise NotFittedError(f"this {name} is not fitted yet: call fit(X, y) before ensemble()")
+        if method not in ("stack", "vote"):
+            raise ValueError(f"method={method!r} is not one of 'stack', 'vote'")
+        if voting not in ("soft", "hard"):
+            raise ValueError(f"voting={voting!r} is not one of 'soft', 'hard'")
+        if method == "vote" and final_estimator is not None:
+            raise ValueError("final_estimator is for method='stack'; voting has none: drop it")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k={k!r}: ask for a positive number of candidates")
+        chosen = self._best_candidates(int(k))
+        if X is None or y is None:
+            data = getattr(self, "_fit_data", None)
+            if data is None:
+                raise ValueError(
+                    f"this {name} does not hold the data it was fitted on (it was "
+                    "pickled): pass it again, ensemble(..., X=X, y=y)"
+                )
+            X, y = data
+        params = self.cv_results_["params"]
+        estimators = [
+            (f"candidate{i}", clone(self.estimator).set_params(**params[i])) for i in chosen
+        ]
+        classifier = is_classifier(self.estimator)
+        answers = None
+        model: Any
+        if method == "vote":
+            if classifier and voting == "soft":
+                for label, estimator in estimators:
+                    if not hasattr(estimator, "predict_proba"):
+                        raise ValueError(
+                            f"{label} ({estimator!r}) has no predict_proba, which "
+                            "voting='soft' averages: use voting='hard' or method='stack'"
+                        )
+            model = (
+                VotingClassifier(estimators, voting=voting)
+                if classifier
+                else VotingRegressor(estimators)
+            )
+        else:
+            splits = self._round_of(chosen).splits
+            if not _is_partition(splits, _n_samples(X)):
+                raise ValueError(
+                    f"the folds of this {name} do not hold every sample of X exactly "
+                    "once in a test set (cross_val_predict needs that): stack a "
+                    "search whose cv is a KFold-like splitter, fitted on this X"
+                )
+            kept = getattr(self, "oof_predictions_", {})
+            if all(i in kept for i in chosen):
+                answers = [(self.oof_methods_[i], self._encoded(i)) for i in chosen]
+            stacking = StackingClassifier if classifier else StackingRegressor
+            model = stacking(estimators, final_estimator=final_estimator, cv=list(splits))
+        cluster = resolve_cluster(self.cluster)
+        session = fit_on_cluster(
+            lambda: model.fit(X, y), cluster, verbose=self.verbose, answers=answers
+        )
+        _record_session(self, session, prefix="ensemble_")
+        return model
+
+    def _encoded(self, index: int) -> Any:
+        """A candidate's kept predictions, as stacking's own would be (it
+        fits on labels encoded 0..n-1: ``predict`` gives those)."""
+        predictions = self.oof_predictions_[index]
+        if self.oof_methods_[index] == "predict" and is_classifier(self.estimator):
+            return np.searchsorted(self.classes_, predictions)
+        return predictions
+
+    def _best_candidates(self, k: int) -> list[int]:
+        results = self.cv_results_
+        if self.multimetric_:
+            if not isinstance(self.refit, str):
+                raise ValueError(
+                    "ensemble() ranks the candidates by the refit metric: with "
+                    f"several metrics, set refit to one of {sorted(self.scorer_)}"
+                )
+            metric = self.refit
+        else:
+            metric = "score"
+        rank = np.asarray(results[f"rank_test_{metric}"])
+        score = np.asarray(results[f"mean_test_{metric}"], dtype=float)
+        eligible = np.arange(len(rank))
+        if "iter" in results:  # halving: the candidates of the last round
+            eligible = eligible[np.asarray(results["iter"]) == np.max(results["iter"])]
+        eligible = eligible[np.isfinite(score[eligible])]
+        if k > len(eligible):
+            raise ValueError(
+                f"k={k}, but this search has {len(eligible)} candidates with a "
+                f"score{' in its last round' if 'iter' in results else ''}: "
+                f"ask for k <= {len(eligible)}"
+            )
+        return sorted(eligible.tolist(), key=lambda i: (rank[i], i))[:k]
+
+    def _round_of(self, candidates: list[int]) -> _Round:
+        for round_ in self._rounds:
+            if all(round_.offset <= i < round_.offset + round_.n_candidates for i in candidates):
+                return round_
+        raise ValueError(
+            "the candidates come from different rounds of the search: ensemble() "
+            "stacks the candidates of one round"
+        )
 
     def _run_search(
         self, evaluate_candidates: Callable[..., Any], *, callback_ctx: Any = None
@@ -208,12 +422,21 @@ class _ClusterSearchMixin(_SearchBase):
         backend, _ = get_active_backend()
 
         def counted(
-            candidate_params: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any
+            candidate_params: Iterable[Mapping[str, Any]],
+            cv: Any = None,
+            *args: Any,
+            **kwargs: Any,
         ) -> Any:
             candidate_params = list(candidate_params)
             if isinstance(backend, ClusterBackend):
                 backend.session.progress.expect(len(candidate_params) * self.n_splits_)
-            return evaluate_candidates(candidate_params, *args, **kwargs)
+            # The splits these fits use, recorded as scikit-learn makes them.
+            offset = sum(r.n_candidates for r in self._rounds)
+            splitter = _Recording(cv if cv is not None else search_cv(self))
+            self._rounds.append(_Round(offset, len(candidate_params), splitter.splits))
+            if isinstance(backend, _KeepingBackend):
+                backend.keeper.offset = offset
+            return evaluate_candidates(candidate_params, splitter, *args, **kwargs)
 
         return super()._run_search(counted, callback_ctx=callback_ctx)
 
@@ -237,6 +460,122 @@ def _fitted_html(search: Any) -> str:
         f"<th>data sent (MB)</th><th>task messages (kB)</th></tr></thead><tbody>{rows}"
         "</tbody></table></div>"
     )
+class _Round:
+    """One ``evaluate_candidates`` call: its candidates' indices in
+    ``cv_results_`` (from ``offset``) and the (train, test) splits."""
+
+    def __init__(self, offset: int, n_candidates: int, splits: list[Any]) -> None:
+        self.offset = offset
+        self.n_candidates = n_candidates
+        self.splits = splits
+
+
+class _Recording:
+    """A splitter that records the splits it yields."""
+
+    def __init__(self, cv: Any) -> None:
+        self.cv = cv
+        self.splits: list[Any] = []
+
+    def split(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for train, test in self.cv.split(*args, **kwargs):
+            self.splits.append((train, test))
+            yield train, test
+
+    def get_n_splits(self, *args: Any, **kwargs: Any) -> int:
+        return int(self.cv.get_n_splits(*args, **kwargs))
+
+
+class _Keeper:
+    """Wraps a search's fit calls to predict their test folds; takes the
+    predictions off the results (see ``wire.predictions``)."""
+
+    def __init__(self, methods: list[str]) -> None:
+        self.methods = methods
+        self.offset = 0  # the current round's first candidate index
+        self.kept: dict[tuple[int, int], tuple[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    def wrap(self, call: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> Any:
+        func, args, kwargs = call
+        key = (self.offset + kwargs["candidate_progress"][0], kwargs["split_progress"][0])
+        return PredictingCall(func, key, self.methods), args, kwargs
+
+    def peel(self, outputs: list[Any]) -> list[Any]:
+        peeled = []
+        for output in outputs:
+            if isinstance(output, Kept):
+                if output.predictions is not None and output.method is not None:
+                    with self.lock:
+                        self.kept[output.key] = (output.method, output.predictions)
+                output = output.result
+            peeled.append(output)
+        return peeled
+
+
+class _KeepingBackend(ClusterBackend):
+    """The cluster backend of a search with ``keep_predictions``."""
+
+    def __init__(self, session: Session, keeper: _Keeper) -> None:
+        super().__init__(session, first_only=True)
+        self.keeper = keeper
+
+    def submit(self, func: Any, callback: Callable[..., Any] | None = None) -> Any:
+        calls = batch_calls(func)
+        if calls is not None:
+            func = batch_with_calls(func, [self.keeper.wrap(call) for call in calls])
+        return super().submit(func, callback)
+
+    def retrieve_result_callback(self, future: Any) -> Any:
+        return self.keeper.peel(future.result())
+
+
+def _n_samples(X: Any) -> int:
+    shape = getattr(X, "shape", None)
+    return int(shape[0]) if shape is not None else len(X)
+
+
+def _is_partition(splits: Sequence[Any], n_samples: int) -> bool:
+    """Whether the test sets of ``splits`` hold each of the samples once."""
+    if not splits:
+        return False
+    tests = np.concatenate([np.asarray(test) for _, test in splits])
+    if tests.dtype == bool:
+        return False
+    return len(tests) == n_samples and np.array_equal(np.sort(tests), np.arange(n_samples))
+
+
+def _record_session(estimator: Any, session: Session | None, prefix: str = "") -> None:
+    """Set an estimator's ``fits_per_node_``, traffic, timeline, warnings and
+    failures attributes (with ``prefix``) from its session; None: it ran in
+    a node's process."""
+    if session is None:
+        for name in ("fits_per_node_", "fit_processes_", "data_bytes_per_node_",
+                     "message_bytes_per_node_"):  # fmt: skip
+            setattr(estimator, prefix + name, {})
+        setattr(estimator, prefix + "fit_timeline_",
+                {"tasks": [], "events": [], "clock_offsets": {}})  # fmt: skip
+        setattr(estimator, prefix + "fit_warnings_", [])
+        setattr(estimator, prefix + "fit_failures_", [])
+        return
+    fits = dict(sorted(session.fits_per_node.items()))
+    setattr(estimator, prefix + "fits_per_node_", fits)
+    setattr(estimator, prefix + "fit_processes_", {
+        n: sorted(p for m, p in session.pids if m == n) for n in fits
+    })  # fmt: skip
+    nodes = sorted(set(session.tasks_per_node) | set(session.data_bytes_per_node))
+    setattr(estimator, prefix + "data_bytes_per_node_",
+            {n: session.data_bytes_per_node[n] for n in nodes})  # fmt: skip
+    setattr(estimator, prefix + "message_bytes_per_node_",
+            {n: session.task_bytes_per_node[n] for n in nodes})  # fmt: skip
+    stats = session.stats
+    setattr(estimator, prefix + "fit_timeline_", stats.timeline())
+    setattr(estimator, prefix + "fit_warnings_", [
+        {"category": f"{module}.{name}", "message": message, "count": count,
+         "nodes": sorted(where)}
+        for (module, name, message), (count, where) in stats.warnings.items()
+    ])  # fmt: skip
+    setattr(estimator, prefix + "fit_failures_", list(stats.fit_errors))
 
 
 def _megabytes(n: float) -> str:
@@ -297,7 +636,7 @@ def _check_callbacks(found: list[tuple[str, str]], nodes: Iterable[NodeInfo]) ->
 
 # Parameters of a search that never leave the client: the splitter (the
 # client splits; a generator cv is fine), the refit callable, the cluster.
-_STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose"}
+_STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose", "keep_predictions"}
 
 
 def _check_picklable(
@@ -362,7 +701,7 @@ error_score, return_train_score
         As in :class:`sklearn.model_selection.GridSearchCV`. ``n_jobs`` and
         ``pre_dispatch`` are accepted; the cluster's parallelism is its nodes'
         total concurrency.
-{_CLUSTER_DOC}
+{_CLUSTER_DOC}{_KEEP_DOC}
     Attributes
     ----------
     cv_results_, best_estimator_, best_score_, best_params_, best_index_, \
@@ -370,7 +709,7 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         As in :class:`sklearn.model_selection.GridSearchCV`.
     fits_per_node_ : dict of str -> int
         How many fits each node ran.
-{_TRAFFIC_DOC}
+{_TRAFFIC_DOC}{_ENSEMBLE_DOC}
     See Also
     --------
     sklearn.model_selection.GridSearchCV : the original, in-process.
@@ -390,7 +729,7 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
     {{'C': 1, 'kernel': 'linear'}}
     """
 
-    _parameter_constraints = {**GridSearchCV._parameter_constraints, **_CLUSTER_CONSTRAINT}
+    _parameter_constraints = {**GridSearchCV._parameter_constraints, **_SEARCH_CONSTRAINTS}
 
     def __init__(
         self,
@@ -406,6 +745,7 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         error_score: float | str = np.nan,
         return_train_score: bool = False,
         cluster: Cluster | str | None = None,
+        keep_predictions: bool = False,
     ) -> None:
         super().__init__(
             estimator,
@@ -420,6 +760,7 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
             return_train_score=return_train_score,
         )
         self.cluster = cluster
+        self.keep_predictions = keep_predictions
 
 
 class ClusterRandomizedSearchCV(_ClusterSearchMixin, RandomizedSearchCV):
@@ -434,12 +775,12 @@ class ClusterRandomizedSearchCV(_ClusterSearchMixin, RandomizedSearchCV):
     estimator, param_distributions, n_iter, scoring, n_jobs, refit, cv, \
 verbose, pre_dispatch, random_state, error_score, return_train_score
         As in :class:`sklearn.model_selection.RandomizedSearchCV`.
-{_CLUSTER_DOC}
+{_CLUSTER_DOC}{_KEEP_DOC}
     Attributes
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran; the others as in scikit-learn.
-{_TRAFFIC_DOC}
+{_TRAFFIC_DOC}{_ENSEMBLE_DOC}
     See Also
     --------
     sklearn.model_selection.RandomizedSearchCV : the original, in-process.
@@ -448,7 +789,7 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
 
     _parameter_constraints = {
         **RandomizedSearchCV._parameter_constraints,
-        **_CLUSTER_CONSTRAINT,
+        **_SEARCH_CONSTRAINTS,
     }
 
     def __init__(
@@ -467,6 +808,7 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
         error_score: float | str = np.nan,
         return_train_score: bool = False,
         cluster: Cluster | str | None = None,
+        keep_predictions: bool = False,
     ) -> None:
         super().__init__(
             estimator,
@@ -483,6 +825,7 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
             return_train_score=return_train_score,
         )
         self.cluster = cluster
+        self.keep_predictions = keep_predictions
 
 
 class ClusterHalvingGridSearchCV(_ClusterSearchMixin, HalvingGridSearchCV):
@@ -497,12 +840,12 @@ class ClusterHalvingGridSearchCV(_ClusterSearchMixin, HalvingGridSearchCV):
 aggressive_elimination, cv, scoring, refit, error_score, return_train_score, \
 random_state, n_jobs, verbose
         As in :class:`sklearn.model_selection.HalvingGridSearchCV`.
-{_CLUSTER_DOC}
+{_CLUSTER_DOC}{_KEEP_DOC}
     Attributes
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran, all rounds together.
-{_TRAFFIC_DOC}
+{_TRAFFIC_DOC}{_ENSEMBLE_DOC}
     See Also
     --------
     sklearn.model_selection.HalvingGridSearchCV : the original, in-process.
@@ -510,7 +853,7 @@ random_state, n_jobs, verbose
 
     _parameter_constraints = {
         **HalvingGridSearchCV._parameter_constraints,
-        **_CLUSTER_CONSTRAINT,
+        **_SEARCH_CONSTRAINTS,
     }
 
     def __init__(
@@ -532,6 +875,7 @@ random_state, n_jobs, verbose
         n_jobs: int | None = None,
         verbose: int = 0,
         cluster: Cluster | str | None = None,
+        keep_predictions: bool = False,
     ) -> None:
         super().__init__(
             estimator,
@@ -551,6 +895,7 @@ random_state, n_jobs, verbose
             verbose=verbose,
         )
         self.cluster = cluster
+        self.keep_predictions = keep_predictions
 
 
 class ClusterHalvingRandomSearchCV(_ClusterSearchMixin, HalvingRandomSearchCV):
@@ -565,12 +910,12 @@ class ClusterHalvingRandomSearchCV(_ClusterSearchMixin, HalvingRandomSearchCV):
 max_resources, min_resources, aggressive_elimination, cv, scoring, refit, \
 error_score, return_train_score, random_state, n_jobs, verbose
         As in :class:`sklearn.model_selection.HalvingRandomSearchCV`.
-{_CLUSTER_DOC}
+{_CLUSTER_DOC}{_KEEP_DOC}
     Attributes
     ----------
     fits_per_node_ : dict of str -> int
         How many fits each node ran, all rounds together.
-{_TRAFFIC_DOC}
+{_TRAFFIC_DOC}{_ENSEMBLE_DOC}
     See Also
     --------
     sklearn.model_selection.HalvingRandomSearchCV : the original, in-process.
@@ -578,7 +923,7 @@ error_score, return_train_score, random_state, n_jobs, verbose
 
     _parameter_constraints = {
         **HalvingRandomSearchCV._parameter_constraints,
-        **_CLUSTER_CONSTRAINT,
+        **_SEARCH_CONSTRAINTS,
     }
 
     def __init__(
@@ -601,6 +946,7 @@ error_score, return_train_score, random_state, n_jobs, verbose
         n_jobs: int | None = None,
         verbose: int = 0,
         cluster: Cluster | str | None = None,
+        keep_predictions: bool = False,
     ) -> None:
         super().__init__(
             estimator,
@@ -621,5 +967,6 @@ error_score, return_train_score, random_state, n_jobs, verbose
             verbose=verbose,
         )
         self.cluster = cluster
+        self.keep_predictions = keep_predictions
 
 

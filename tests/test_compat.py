@@ -232,3 +232,51 @@ def test_sklearn_param_validation_constraints_reject_what_they_exclude():
     for bad in ({"keep": "disk"}, {"replicas": 0}):
         with pytest.raises(InvalidParameterError, match=next(iter(bad))):
             ClusterRandomForestClassifier(**bad).fit([[0.0], [1.0]], [0, 1])
+
+
+def test_sklearn_safe_split_and_check_response_method():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeRegressor
+
+    X = np.arange(20.0).reshape(10, 2)
+    Xs, ys = _compat.safe_split(SVC(), X, None, np.array([1, 3]), np.array([0, 2]))
+    np.testing.assert_array_equal(Xs, X[[1, 3]])
+    assert ys is None
+    order = ["predict_proba", "decision_function", "predict"]
+    lr = LogisticRegression()
+    assert _compat.response_method(lr, order).__name__ == "predict_proba"
+    assert _compat.response_method(SVC(), order).__name__ == "decision_function"
+    assert _compat.response_method(DecisionTreeRegressor(), ["predict"]).__name__ == "predict"
+    with pytest.raises(AttributeError):
+        _compat.response_method(DecisionTreeRegressor(), ["predict_proba"])
+
+
+def test_sklearn_fit_and_score_returns_the_estimator_when_asked():
+    X = np.random.RandomState(0).normal(size=(20, 2))
+    y = np.arange(20) % 2
+    from sklearn.metrics import check_scoring
+
+    estimator = SVC()
+    result = _compat.fit_and_score()(
+        estimator, X, y, scorer=check_scoring(estimator), train=np.arange(10),
+        test=np.arange(10, 20), verbose=0, parameters=None, fit_params=None,
+        score_params=None, return_estimator=True,
+    )  # fmt: skip
+    assert "estimator" in result and hasattr(result["estimator"], "support_")
+
+
+def test_search_checked_cv_and_evaluate_candidates_cv_argument():
+    """ensemble() records a search's splits by passing a recording splitter
+    as evaluate_candidates' ``cv``, defaulting to ``_checked_cv_orig``."""
+    seen = {}
+
+    class Recording(GridSearchCV):
+        def _run_search(self, evaluate_candidates, *, callback_ctx=None):
+            seen["cv"] = _compat.search_cv(self)
+            assert "cv" in inspect.signature(evaluate_candidates).parameters
+            return super()._run_search(evaluate_candidates, callback_ctx=callback_ctx)
+
+    X = np.random.RandomState(0).normal(size=(20, 2))
+    y = np.arange(20) % 2
+    Recording(SVC(), {"C": [1]}, cv=KFold(2)).fit(X, y)
+    assert isinstance(seen["cv"], KFold), "BaseSearchCV._checked_cv_orig is gone"

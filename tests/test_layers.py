@@ -65,7 +65,7 @@ def test_the_node_app_is_what_a_node_loads():
         "import clustersearch",
         "from clustersearch import ClusterGridSearchCV, ClusterRandomizedSearchCV, "
         "ClusterHalvingGridSearchCV, ClusterHalvingRandomSearchCV, Cluster, "
-        "LocalCluster, NodeInfo, Policy",
+        "LocalCluster, NodeInfo, Policy, ClusterStackingClassifier, ClusterStackingRegressor",
     ],
     ids=["package", "public-names"],
 )

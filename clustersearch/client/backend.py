@@ -46,6 +46,11 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         batch's result under this many bytes (at the largest bytes per call
         seen): results travel as one message each, and brokers cap message
         sizes (RabbitMQ 4: 16 MiB). None: joblib's auto-batching alone.
+    later : callable, default=None
+        With ``first_only``: ``later()`` gives the backend for each later
+        ``Parallel`` (None: joblib's local backends, as without it). The
+        stacking estimators use it to run a ``Parallel`` in the client whose
+        calls' own ``Parallel`` calls run on the nodes.
 
     Notes
     -----
@@ -69,6 +74,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         first_only: bool = False,
         accept_threads: bool = False,
         max_result_bytes: int | None = None,
+        later: Callable[[], Any] | None = None,
         nesting_level: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -77,6 +83,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self.first_only = first_only
         self.accept_threads = accept_threads
         self.max_result_bytes = max_result_bytes
+        self.later = later
         self._claimed: Any = None  # the Parallel this backend accepted
 
     def configure(
@@ -90,8 +97,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         threads = (prefer == "threads" and not self.accept_threads) or require == "sharedmem"
         foreign = self.first_only and self._claimed is not None and parallel is not self._claimed
         if threads or foreign:
-            local = ThreadingBackend if threads else LokyBackend
-            raise FallbackToBackend(local(nesting_level=0))
+            chosen = self.later() if foreign and not threads and self.later else None
+            if chosen is None:
+                chosen = (ThreadingBackend if threads else LokyBackend)(nesting_level=0)
+            raise FallbackToBackend(chosen)
         self._claimed = parallel
         self.parallel = parallel
         return self.effective_n_jobs(n_jobs)
