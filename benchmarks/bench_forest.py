@@ -72,15 +72,49 @@ def measure(args, X, y):
             })  # fmt: skip
             print(f"local {local_s[-1]:.2f} s, cluster {cluster_s[-1]:.2f} s "
                   f"({cluster_s[-1] / local_s[-1]:.2f}x) {records[-1]}", flush=True)  # fmt: skip
+        predict = measure_predict(args, cluster, theirs, X, y, params)
     finally:
         cluster.close()
     return {
+        "predict": predict,
         "local_s": local_s,
         "cluster_s": cluster_s,
         "startup_s": round(startup, 2),
         "runs": records,
         "tree_bytes": records[-1]["result_bytes"] / args.n_estimators,
     }
+
+
+def measure_predict(args, cluster, local, X, y, params):
+    """predict_proba latency of a forest kept on the nodes (keep="nodes",
+    replicas=2) against the same forest in this process (n_jobs=N), on all
+    of X and on 100 rows, alternating; and that both agree."""
+    from clustersearch import ClusterRandomForestClassifier
+
+    resident = ClusterRandomForestClassifier(cluster=cluster, keep="nodes", replicas=2, **params)
+    t = time.perf_counter()
+    resident.fit(X, y)
+    fit_s = time.perf_counter() - t
+    out = {"fit_s": fit_s, "store_bytes": dict(resident.resident_.nbytes)}
+    try:
+        for name, rows in (("all", X), ("100 rows", X[:100])):
+            local_t, resident_t = [], []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                theirs = local.predict_proba(rows)
+                local_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                ours = resident.predict_proba(rows)
+                resident_t.append(time.perf_counter() - t)
+            out[name] = {
+                "local_s": local_t, "resident_s": resident_t,
+                "max_diff": float(np.abs(ours - theirs).max()),
+            }  # fmt: skip
+            print(f"predict_proba {name}: local {min(local_t):.3f} s, resident "
+                  f"{min(resident_t):.3f} s, max diff {out[name]['max_diff']:.1e}", flush=True)  # fmt: skip
+    finally:
+        resident.delete()
+    return out
 
 
 def markdown(result, args):
@@ -111,6 +145,20 @@ def markdown(result, args):
         f"{result['tree_bytes'] / 1e3:.0f} kB per tree pickled "
         f"({result['tree_bytes'] * args.n_estimators / 1e6:.0f} MB per fit). "
         f"Cluster start-up (not timed above): {result['startup_s']} s.",
+        "",
+        f"The same forest kept on the nodes (`keep=\"nodes\"`, `replicas=2`; fit "
+        f"{result['predict']['fit_s']:.1f} s, each part built twice; stores "
+        + ", ".join(f"{b / 1e6:.0f} MB" for b in result["predict"]["store_bytes"].values())
+        + "): `predict_proba` latency against the merged forest in this process "
+        f"(`n_jobs={args.workers}`), best of {args.repeats}, alternating:",
+        "",
+        "| rows | local s | resident s | x local | max difference |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {min(r['local_s']):.3f} | {min(r['resident_s']):.3f} | "
+            f"{min(r['resident_s']) / min(r['local_s']):.2f} | {r['max_diff']:.1e} |"
+            for name, r in ((n, result["predict"][n]) for n in ("all", "100 rows"))
+        ),
     ])  # fmt: skip
 
 
