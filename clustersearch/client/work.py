@@ -16,6 +16,7 @@ class Work:
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
         "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "sent_at", "only",
+        "verified",
     )  # fmt: skip
 
     def __init__(
@@ -43,6 +44,8 @@ class Work:
         self.avoid: set[str] = set()  # nodes it should not go back to
         self.backed_up = False  # a second copy was sent
         self.rejected = 0  # results that failed verification (dropped)
+        # The payload bytes whose signature _on_ready checked (not again).
+        self.verified: bytes | None = None
         self.sent_at: float | None = None  # when the copy that won was sent (monotonic)
         # Pinned work runs on this node or nowhere (it needs what the node
         # holds): when the node is lost it fails with NodeLostError.
