@@ -288,6 +288,15 @@ class MemoryCgroup:
                 return int(value)
         return 0
 
+    def unreclaimable(self):
+        """Bytes the group uses now that the kernel cannot reclaim without
+        swap: anonymous memory and shared memory (not the page cache of
+        files, which it drops under the limit)."""
+        stat = self.stat()
+        if self.version == 2:
+            return stat["anon"] + stat["shmem"]
+        return stat["total_rss"] + stat["total_shmem"]
+
     def stat(self):
         """``memory.stat`` as a dict of ints."""
         return {k: int(v) for k, v in (line.split() for line in self._read("memory.stat").splitlines())}

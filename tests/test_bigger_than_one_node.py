@@ -20,8 +20,10 @@ The measured figures go to the end of the run's summary (``REPORT``) and to
 docs/ensembles.md ("Bigger than one board: measured").
 """
 
+import contextlib
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +56,31 @@ def _peak_rss_kb(pid):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmHWM for process {pid}")
+
+
+@contextlib.contextmanager
+def _sampled(cgroups, every_s=0.01):
+    """Within the block, the most unreclaimable memory (anonymous and
+    shared: the page cache is dropped under the limit, so the cgroup's own
+    peak reaches the limit anyway) each cgroup used, sampled every
+    ``every_s``: a dict filled in when the block ends."""
+    peaks = dict.fromkeys(cgroups, 0)
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for name, cgroup in cgroups.items():
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    peaks[name] = max(peaks[name], cgroup.unreclaimable())
+            done.wait(every_s)
+
+    thread = threading.Thread(target=sample, name="memory-sampler", daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        done.set()
+        thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -111,17 +138,18 @@ def test_a_forest_bigger_than_one_board(boards):
         nodes_pids = {h: net.procs[h].pid for h in hosts}
 
         # 1. The forest across the limited nodes, kept there.
-        start = time.monotonic()
-        forest = ClusterRandomForestClassifier(
-            n_estimators=N_TREES, random_state=0, cluster=cluster, keep="nodes", replicas=2
-        ).fit(X, y)
-        fit_s = time.monotonic() - start
+        with _sampled({h: net.memory[h] for h in hosts}) as used:
+            start = time.monotonic()
+            forest = ClusterRandomForestClassifier(
+                n_estimators=N_TREES, random_state=0, cluster=cluster, keep="nodes", replicas=2
+            ).fit(X, y)
+            fit_s = time.monotonic() - start
+            start = time.monotonic()
+            proba = forest.predict_proba(X)
+            predict_s = time.monotonic() - start
         handle = forest.resident_
         assert sorted({n for holders in handle.holders for n in holders}) == hosts
         assert all(len(holders) == 2 for holders in handle.holders), handle.holders
-        start = time.monotonic()
-        proba = forest.predict_proba(X)
-        predict_s = time.monotonic() - start
         np.testing.assert_allclose(proba, expected, rtol=0, atol=1e-12)
         # Each part answered by a pool process of a node, none by the client.
         pool = {(h, pid) for h in hosts for pid in net.pool_pids(h)}
@@ -141,6 +169,7 @@ def test_a_forest_bigger_than_one_board(boards):
         for host in hosts:
             assert net.memory[host].oom_kills() == ooms[host], f"{host} hit an OOM kill"
             assert peaks[host] <= M, (host, peaks[host], M)
+            assert 0 < used[host] < M, (host, used[host], M)
             assert net.procs[host].pid == nodes_pids[host] and net.procs[host].poll() is None
         assert not [e for e in handle.last_run["events"] if e["event"] in ("lost", "worker-lost")]
         freed = forest.delete()
@@ -168,10 +197,51 @@ def test_a_forest_bigger_than_one_board(boards):
         f"{N_NODES} nodes, baseline {baseline / MB:.0f} MB, M {M / MB:.0f} MB; "
         f"keep='nodes' replicas=2: fit {fit_s:.1f} s, predict_proba {predict_s:.1f} s, "
         f"store MB {[round(store[h] / MB) for h in hosts]}, "
-        f"cgroup peak MB {[round(peaks[h] / MB) for h in hosts]}, "
+        f"cgroup peak MB {[round(peaks[h] / MB) for h in hosts]} (page cache included), "
+        f"unreclaimable peak MB {[round(used[h] / MB) for h in hosts]}, "
         f"pool peak RSS MB {[round(pool_peaks[h] / 1024) for h in hosts]}, client pickle "
         f"{pickled / 1024:.1f} kB; whole forest on {board}: OOM-killed ({killed[board]}) "
         f"after {one_node_s:.1f} s"
     )
     REPORT.append(figures)
     print(figures)
+
+
+def test_reaping_removes_a_dead_runs_memory_cgroups():
+    """A killed run's state file lists its nodes' memory cgroups; the next
+    run kills what still runs in them and removes them."""
+    import json
+    import secrets
+    import subprocess
+    import sys
+
+    from netcluster import STATE_DIR, _identity, reap_leftovers
+
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster's state files and cgroups need root")
+    try:
+        cgroup = MemoryCgroup(f"clustersearch-reaptest{secrets.token_hex(2)}-mem")
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"cannot create a memory cgroup: {exc}")
+    owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner.wait()  # the run that died
+    node = subprocess.Popen(cgroup.wrap(["sleep", "120"]), start_new_session=True)
+    path = STATE_DIR / f"test{secrets.token_hex(4)}.json"
+    try:
+        deadline = time.monotonic() + 30
+        while node.pid not in cgroup.pids():
+            assert time.monotonic() < deadline, "the process did not enter its cgroup"
+            time.sleep(0.01)
+        state = {"run": [owner.pid, 0], "nodes": [_identity(node.pid)], "proxy": None,
+                 "cgroups": [str(cgroup.path)]}  # fmt: skip
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state))
+        reap_leftovers()
+        assert node.wait(timeout=30) == -9
+        assert not cgroup.path.exists()
+        assert not path.exists()
+    finally:
+        path.unlink(missing_ok=True)
+        node.kill()
+        node.wait()
+        MemoryCgroup.remove(cgroup.path)
