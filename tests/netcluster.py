@@ -12,6 +12,9 @@ Faults are injected the way they happen on a shelf of boards: SIGKILL of a
 pool process or of a whole node, a link cut (``ip link set ... down``), a
 broker restart (``rabbitmqctl stop_app``/``start_app``), a node joining late,
 and a node much slower than the rest (a CPU quota, cgroup v2 or v1).
+With ``memory_cgroups=True`` each node runs in a memory cgroup of its own
+(cgroup v2 ``memory.max``, or v1 ``memory.limit_in_bytes`` where the memory
+controller is on v1), a board with that much memory and no swap.
 
 Everything it creates carries a random token in its name and is listed in a
 state file under ``/run/clustersearch-netcluster``; :meth:`NetCluster.close`
@@ -184,20 +187,131 @@ class _CpuQuota:
 
     @staticmethod
     def remove(path):
-        path = Path(path)
-        if not path.exists():
+        _remove_cgroup(path)
+
+
+def _remove_cgroup(path):
+    """Remove cgroup ``path``; what still runs in it goes to its parent first."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        for pid in (path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (path.parent / "cgroup.procs").write_text(pid)
+    for _ in range(50):
+        try:
+            path.rmdir()
             return
-        # Whatever still runs in it goes back to the root group first.
-        with contextlib.suppress(OSError):
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(OSError):
-                    (path.parent / "cgroup.procs").write_text(pid)
-        for _ in range(50):
-            try:
-                path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
+        except OSError:
+            time.sleep(0.1)
+
+
+def _own_cgroup_v1(controller):
+    """This process's cgroup in the v1 hierarchy of ``controller`` (a path)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup", controller) / path.lstrip("/")
+    return Path("/sys/fs/cgroup", controller)
+
+
+class MemoryCgroup:
+    """A cgroup with a memory limit and no swap: a board with that much memory.
+
+    cgroup v2 (``memory.max``, ``memory.swap.max`` 0, ``memory.peak``,
+    ``memory.events``) where the unified hierarchy has the memory
+    controller; else v1 (``memory.limit_in_bytes`` and
+    ``memory.memsw.limit_in_bytes``, ``memory.max_usage_in_bytes``,
+    ``memory.oom_control``), created inside this process's own memory
+    cgroup. No limit until :meth:`limit`.
+    """
+
+    def __init__(self, name):
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        v1 = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        if v2.exists() and "memory" in v2.read_text().split():
+            root = Path("/sys/fs/cgroup")
+            control = root / "cgroup.subtree_control"
+            if "memory" not in control.read_text().split():
+                control.write_text("+memory")
+            self.version = 2
+        elif v1.exists():
+            root = _own_cgroup_v1("memory")
+            self.version = 1
+        else:
+            raise RuntimeError(
+                "no cgroup memory controller: neither /sys/fs/cgroup/cgroup.controllers "
+                "lists 'memory' (v2) nor is /sys/fs/cgroup/memory mounted (v1)"
+            )
+        self.path = root / name
+        self.path.mkdir(exist_ok=True)
+        if self.version == 2:
+            (self.path / "memory.swap.max").write_text("0")
+
+    def _read(self, name):
+        return (self.path / name).read_text()
+
+    def limit(self, nbytes):
+        """Limit the group's memory to ``nbytes`` (no swap)."""
+        if self.version == 2:
+            (self.path / "memory.max").write_text(str(int(nbytes)))
+            return
+        # v1: memory+swap may not be below memory; no swap = both the same.
+        memsw = self.path / "memory.memsw.limit_in_bytes"
+        order = ["memory.limit_in_bytes", memsw.name]
+        if int(nbytes) > int(self._read("memory.limit_in_bytes")):
+            order.reverse()
+        for name in order:
+            if (self.path / name).exists():
+                (self.path / name).write_text(str(int(nbytes)))
+
+    @property
+    def max_bytes(self):
+        """The limit in bytes (None: none)."""
+        text = self._read("memory.max" if self.version == 2 else "memory.limit_in_bytes").strip()
+        return None if text == "max" or int(text) >= 2**62 else int(text)
+
+    def usage(self):
+        return int(self._read("memory.current" if self.version == 2 else "memory.usage_in_bytes"))
+
+    def peak(self):
+        """The most memory the group used since it was created (page cache included)."""
+        return int(self._read("memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"))
+
+    def oom_kills(self):
+        """Processes of the group the kernel's OOM killer killed."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        for line in self._read(name).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def unreclaimable(self):
+        """Bytes the group uses now that the kernel cannot reclaim without
+        swap: anonymous memory and shared memory (not the page cache of
+        files, which it drops under the limit)."""
+        stat = self.stat()
+        if self.version == 2:
+            return stat["anon"] + stat["shmem"]
+        return stat["total_rss"] + stat["total_shmem"]
+
+    def stat(self):
+        """``memory.stat`` as a dict of ints."""
+        return {k: int(v) for k, v in (line.split() for line in self._read("memory.stat").splitlines())}
+
+    def pids(self):
+        return [int(p) for p in self._read("cgroup.procs").split()]
+
+    def wrap(self, cmd):
+        """``cmd`` started inside this group (with everything it forks)."""
+        procs = str(self.path / "cgroup.procs")
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *cmd]
+
+    @staticmethod
+    def remove(path):
+        _remove_cgroup(path)
 
 
 class NetCluster:
@@ -217,9 +331,16 @@ class NetCluster:
         The broker of the nodes and of :meth:`cluster` (a RabbitMQ virtual
         host of this cluster's own, or Redis database ``REDIS_BROKER_DB``);
         :meth:`reset` switches it.
+    memory_cgroups : bool, default=False
+        Run each node in a :class:`MemoryCgroup` of its own (``memory[host]``),
+        kept for the cluster's life (a restarted node goes back into it); no
+        limit until :meth:`limit_memory`.
     """
 
-    def __init__(self, workdir, *, n_hosts=4, n_nodes=3, backend="redis", broker="rabbitmq"):
+    def __init__(
+        self, workdir, *, n_hosts=4, n_nodes=3, backend="redis", broker="rabbitmq",
+        memory_cgroups=False,
+    ):  # fmt: skip
         if broker not in BROKERS:
             raise ValueError(f"broker must be one of {BROKERS}, not {broker!r}")
         self.workdir = Path(workdir)
@@ -246,6 +367,8 @@ class NetCluster:
         self.secret_file.chmod(0o600)
         self.procs = {}
         self.cgroups = {}
+        self.memory_cgroups = memory_cgroups
+        self.memory = {}  # host -> MemoryCgroup
         self.dirty = set()  # hosts whose node a fault touched
         self.broker_stopped = False
         self._proxy = None
@@ -283,7 +406,7 @@ class NetCluster:
             "veth": list(self.veth.values()),
             "user": self.user,
             "vhost": self.vhost,
-            "cgroups": [str(c.path) for c in self.cgroups.values()],
+            "cgroups": [str(c.path) for c in [*self.cgroups.values(), *self.memory.values()]],
             "node_pids": [p.pid for p in self.procs.values()],
             "proxy_pid": self._proxy.pid if self._proxy else None,
             "nodes": [_identity(p.pid) for p in self.procs.values()],
@@ -355,6 +478,8 @@ class NetCluster:
             self._proxy = None
         for host in list(self.cgroups):
             attempt(_CpuQuota.remove, self.cgroups.pop(host).path)
+        for host in list(self.memory):
+            attempt(MemoryCgroup.remove, self.memory.pop(host).path)
         if self.used_redis_broker:
             attempt(_flush_redis_broker)
         _teardown(
@@ -411,6 +536,11 @@ class NetCluster:
             "--loglevel", "WARNING", "--allow-root",
             "--secret-file", str(self.secret_file),
         ]  # fmt: skip
+        if self.memory_cgroups:
+            if host not in self.memory:
+                self.memory[host] = MemoryCgroup(f"clustersearch-{self.token}-{host}-mem")
+                self._write_state()  # recorded before anything runs in it
+            cmd = self.memory[host].wrap(cmd)
         env = dict(os.environ)
         env["CLUSTERSEARCH_TEST_MARKERS"] = str(self.markers)
         with open(self.workdir / f"{host}.log", "ab") as log:
@@ -495,6 +625,13 @@ class NetCluster:
         for pid in pids:
             quota.add(pid)
         return pids
+
+    def limit_memory(self, host, nbytes):
+        """Give node ``host`` (its main process and its pool) ``nbytes`` of
+        memory and no swap (``memory_cgroups=True``)."""
+        if host not in self.memory:
+            raise RuntimeError(f"node {host!r} has no memory cgroup (memory_cgroups=True)")
+        self.memory[host].limit(nbytes)
 
     def stop_broker(self):
         self.broker_stopped = True
