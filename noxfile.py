@@ -53,6 +53,17 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site: Sphinx (numpydoc, PyData theme, MyST), warnings as
+    errors, into docs/_build/html."""
+    _install(session, "docs")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html",
+        *session.posargs,
+    )
+
+
+@nox.session
 def example(session: nox.Session) -> None:
     """The Adult demo on the embedded local cluster."""
     _install(session)

@@ -44,6 +44,7 @@ __all__ = [
     "strip_callback_siblings",
     "validate_forest_X",
     "worker_pool_state",
+    "worker_task_counts",
 ]
 
 CHECKED_WITH = {
@@ -318,6 +319,16 @@ def worker_pool_state() -> tuple[bool, int, int]:
 
     waiting = any(r.time_start is None for r in list(state.reserved_requests))
     return waiting, len(state.active_requests), state.all_total_count[0]
+
+
+def worker_task_counts() -> tuple[int, int]:
+    """In a node's main process: how many tasks its pool runs, and how many
+    it holds that have not started."""
+    from celery.worker import state
+
+    active = list(state.active_requests)
+    waiting = sum(1 for r in list(state.reserved_requests) if r not in active)
+    return len(active), waiting
 
 
 def running_fits() -> int:

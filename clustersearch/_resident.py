@@ -474,6 +474,21 @@ class KeepOnNodesMixin:
         return self.__dict__.get("resident_")
 
     def predict_proba(self, X: Any) -> Any:
+        """Class probabilities of ``X``, as scikit-learn's forest gives them.
+
+        With ``keep="nodes"`` each node sums its trees' probabilities and the
+        client adds the sums up.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input samples.
+
+        Returns
+        -------
+        p : ndarray of shape (n_samples, n_classes), or a list of such arrays
+            One per output; classes in the order of ``classes_``.
+        """
         handle = self._resident()
         if handle is not None:
             return handle.predict_proba(X)

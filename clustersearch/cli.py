@@ -1,16 +1,22 @@
-"""The ``clustersearch`` command: start a node, list the nodes."""
+"""The ``clustersearch`` command: start a node, list or watch the nodes."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from ._optional import check_url
-from .exceptions import MissingDependencyError
+from .exceptions import ClusterSearchError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from .client.cluster import NodeInfo
 
 __all__ = ["main"]
 
@@ -71,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     nodes.add_argument("--backend", default=env_backend)
     nodes.add_argument("--timeout", type=float, default=1.0,
                        help="seconds to wait for answers (default: 1)")
+    top = sub.add_parser(
+        "top", help="watch the nodes: a live table, refreshed every second (Ctrl-C quits)"
+    )
+    top.add_argument("--broker", default=env_broker, required=env_broker is None)
+    top.add_argument("--backend", default=env_backend)
+    top.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between refreshes (default: 1)")
+    top.add_argument("--timeout", type=float, default=1.0,
+                     help="seconds to wait for the nodes' answers at each refresh "
+                     "(default: 1)")
+    top.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)
     report = sub.add_parser(
         "report", help="write the HTML report of a fitted search saved with joblib.dump"
     )
@@ -228,6 +245,119 @@ def _run_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(nbytes: int) -> str:
+    """``nbytes`` for people: 0, 812B, 3.4kB, 27.0MB, 1.9GB."""
+    if nbytes < 1000:
+        return f"{nbytes}B" if nbytes else "0"
+    size = float(nbytes)
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 1000 or unit == "TB":
+            return f"{size:.1f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _top_rows(nodes: Sequence[NodeInfo], seen: dict[str, float], now: float) -> list[str]:
+    """The lines of one ``clustersearch top`` table (header first)."""
+    rows = [("NODE", "HOST", "PROCS", "RUNNING", "QUEUED", "FITS DONE", "MEAN FIT", "CACHE",
+             "STORE", "PYTHON", "SKLEARN", "CLUSTERSEARCH", "HEARTBEAT")]  # fmt: skip
+    for n in nodes:
+        v = n.versions
+        mean = f"{n.mean_fit_s:.2f}s" if n.fits_done else "-"
+        rows.append((
+            n.name, n.host, str(n.concurrency), str(n.running), str(n.queued),
+            str(n.fits_done), mean, _size(n.cache_bytes), _size(n.store_bytes),
+            v.get("python") or "?", v.get("scikit-learn") or "?",
+            v.get("clustersearch") or "?", f"{max(0.0, now - seen[n.name]):.0f}s ago",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+class _Screen:
+    """Where ``clustersearch top`` draws: in place on a terminal (plain ANSI
+    escapes), a table after another on a dumb terminal, a pipe or a file."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.ansi = out.isatty() and os.environ.get("TERM", "dumb") not in ("dumb", "")
+        self.drawn = False
+
+    def draw(self, lines: list[str]) -> None:
+        if self.ansi:
+            # Home, each line over the last frame's (erase its rest), then
+            # erase below: no flicker, no scrolling.
+            start = "\x1b[?25l\x1b[H\x1b[2J" if not self.drawn else "\x1b[H"
+            self.out.write(start + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
+        else:
+            self.out.write("\n".join(lines) + "\n\n")
+        self.out.flush()
+        self.drawn = True
+
+    def restore(self) -> None:
+        if self.ansi and self.drawn:
+            self.out.write("\x1b[?25h")  # the cursor, shown again
+            self.out.flush()
+
+
+def _watch_nodes(args: argparse.Namespace, cluster: object, screen: _Screen,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+    from .client.cluster import Cluster, redact
+
+    assert isinstance(cluster, Cluster)
+    known: dict[str, NodeInfo] = {}
+    seen: dict[str, float] = {}
+    refreshes = 0
+    while args.count is None or refreshes < args.count:
+        began = time.monotonic()
+        problem = ""
+        try:
+            for node in cluster.nodes(timeout=args.timeout):
+                known[node.name] = node
+                seen[node.name] = time.monotonic()
+        except (ClusterSearchError, OSError) as exc:
+            problem = f"  ! {exc}"
+        now = time.monotonic()
+        nodes = [known[name] for name in sorted(known)]
+        live = [n for n in nodes if now - seen[n.name] < args.timeout + 2 * args.interval + 1]
+        title = (
+            f"clustersearch top  {redact(args.broker)}  {time.strftime('%H:%M:%S')}  "
+            f"{len(live)}/{len(nodes)} nodes answering, "
+            f"{sum(n.running for n in live)} running, {sum(n.queued for n in live)} queued, "
+            f"{sum(n.fits_done for n in nodes)} fits done  (Ctrl-C quits)"
+        )
+        lines = [title + problem, ""]
+        lines += _top_rows(nodes, seen, now) if nodes else ["no node has answered yet"]
+        screen.draw(lines)
+        refreshes += 1
+        if args.count is None or refreshes < args.count:
+            sleep(max(0.0, args.interval - (time.monotonic() - began)))
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    from .client.cluster import Cluster
+
+    if not args.interval > 0 or not args.timeout > 0:
+        sys.exit("clustersearch top: --interval and --timeout must be positive")
+    screen = _Screen(sys.stdout)
+    cluster = None
+    try:
+        cluster = Cluster(args.broker, args.backend, discovery_timeout=args.timeout)
+        _watch_nodes(args, cluster, screen)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: the way to quit
+    finally:
+        # A second Ctrl-C does not interrupt the cleanup.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            screen.restore()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return 0
+
+
 def _run_report(args: argparse.Namespace) -> int:
     import joblib
 
@@ -253,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
             return None
         if args.command == "report":
             return _run_report(args)
+        if args.command == "top":
+            return _run_top(args)
         return _run_nodes(args)
     except MissingDependencyError as exc:
         sys.exit(f"clustersearch {args.command}: {exc}")

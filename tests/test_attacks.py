@@ -434,6 +434,10 @@ def test_malformed_info_replies_are_ignored(target, capsys, caplog):
         {**good, "node": "bad-negative", "concurrency": -1},
         {**good, "node": "bad-stalled", "stalled_s": -5},
         {**good, "node": "bad-versions", "versions": {"numpy": 2}},
+        {**good, "node": "bad-running", "running": -1},
+        {**good, "node": "bad-fits", "fits_done": "many"},
+        {**good, "node": "bad-mean", "mean_fit_s": 10**400},
+        {**good, "node": "bad-cache", "cache_bytes": 1.5},
         {**good, "node": "bad-unsigned"},  # valid, but says it has no secret
         {"node": "bad-missing"},
         {"concurrency": 4},

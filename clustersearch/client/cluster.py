@@ -86,6 +86,19 @@ class NodeInfo:
         ``keep="nodes"`` (its store, ``clustersearch worker --store-size``).
     store_limit : int
         The bound of that store (0: not reported).
+    running : int
+        Tasks (batches of fits) the node's pool runs now.
+    queued : int
+        Tasks the node holds that have not started.
+    fits_done : int
+        Fits the node's processes finished since it started.
+    mean_fit_s : float
+        Their mean duration in seconds (0 before the first).
+    cache_bytes : int
+        Bytes of data in the node's cache folder.
+    cache_limit : int
+        The cache's bound (``clustersearch worker --cache-size``; 0: not
+        reported).
     """
 
     name: str
@@ -101,6 +114,12 @@ class NodeInfo:
     consuming: bool = field(default=True, compare=False)
     store_bytes: int = field(default=0, compare=False)
     store_limit: int = field(default=0, compare=False)
+    running: int = field(default=0, compare=False)
+    queued: int = field(default=0, compare=False)
+    fits_done: int = field(default=0, compare=False)
+    mean_fit_s: float = field(default=0.0, compare=False)
+    cache_bytes: int = field(default=0, compare=False)
+    cache_limit: int = field(default=0, compare=False)
 
     @classmethod
     def from_reply(cls, info: Any) -> NodeInfo:
@@ -116,12 +135,15 @@ class NodeInfo:
         concurrency = _field(info, "concurrency", int, required=True)
         if concurrency < 1:
             raise ValueError(f"concurrency {concurrency!r} is not at least 1")
-        stalled = _field(info, "stalled_s", (int, float)) or 0.0
-        if not 0 <= stalled < float("inf"):
-            raise ValueError(f"stalled_s {stalled!r} is not a duration")
+        stalled = _duration(info, "stalled_s")
         store = [_field(info, key, int) or 0 for key in ("store_bytes", "store_limit")]
         if min(store) < 0:
             raise ValueError(f"store sizes {store!r} are negative")
+        counts = {key: _field(info, key, int) or 0 for key in _COUNTS}
+        negative = [key for key, value in counts.items() if value < 0]
+        if negative:
+            raise ValueError(f"{negative[0]!r} is negative")
+        mean_fit = _duration(info, "mean_fit_s")
         versions = _field(info, "versions", dict) or {}
         if not all(isinstance(k, str) and isinstance(v, str | None) for k, v in versions.items()):
             raise ValueError("versions is not a mapping of names to version strings")
@@ -136,10 +158,16 @@ class NodeInfo:
             versions=versions,
             signed=bool(_field(info, "signed", bool)),
             consuming=_field(info, "consuming", bool) is not False,
-            stalled_s=float(stalled),
+            stalled_s=stalled,
             store_bytes=store[0],
             store_limit=store[1],
+            mean_fit_s=mean_fit,
+            **counts,
         )
+
+
+# Counters a node reports for `clustersearch top`: non-negative integers.
+_COUNTS = ("running", "queued", "fits_done", "cache_bytes", "cache_limit")
 
 
 def nodes_html(nodes: Sequence[NodeInfo]) -> str:
@@ -159,6 +187,18 @@ def nodes_html(nodes: Sequence[NodeInfo]) -> str:
         "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead>"
         f"<tbody>{cells}</tbody></table><small>{len(nodes)} nodes, {total} worker processes</small>"
     )
+
+
+def _duration(info: dict, key: str) -> float:
+    """Field ``key`` of ``info`` as seconds (0.0 when absent)."""
+    value = _field(info, key, (int, float)) or 0
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = float("inf")
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{key!r} is not a duration")
+    return seconds
 
 
 def _field(info: dict, key: str, kind: Any, required: bool = False) -> Any:

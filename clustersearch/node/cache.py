@@ -97,6 +97,18 @@ class NodeCache:
     def path(self, digest: str, kind: str) -> Path:
         return self.directory / f"{digest}.{kind}"
 
+    def nbytes(self) -> int:
+        """Bytes the cached blobs take on disk (the store and the node's
+        bookkeeping, in dot-folders, aside)."""
+        size = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.directory):
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    size += entry.stat().st_size
+        return size
+
     # -- presence and integrity
 
     def _valid(self, digest: str, kind: str) -> bool:

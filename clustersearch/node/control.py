@@ -8,10 +8,13 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
+from .._compat import worker_task_counts
 from ..wire.protocol import INFO_COMMAND, QUEUE_PREFIX, local_versions, node_name
 from ..wire.signing import Signer
+from .cache import NodeCache
 from .pool import pool_watch
 from .settings import CONF_KEY
+from .stats import FitCounter
 from .store import PartStore
 
 __all__ = ["node_info", "sign_info"]
@@ -45,6 +48,10 @@ def sign_info(info: dict[str, Any], signer: Signer, nonce: Any) -> dict[str, Any
     return info
 
 
+# Nodes whose earlier runs' fit counters this process has removed.
+_counters_cleared: set[str] = set()
+
+
 @inspect_command(name=INFO_COMMAND, args=[("nonce", str)], signature="[nonce]")
 def _clustersearch_info(state: Any, nonce: Any = None) -> dict[str, Any]:
     consumer = state.consumer
@@ -60,5 +67,16 @@ def _clustersearch_info(state: Any, nonce: Any = None) -> dict[str, Any]:
     store = PartStore(settings.cache_dir, settings.store_bytes, info["node"])
     info["store_bytes"] = store.nbytes()
     info["store_limit"] = settings.store_bytes
+    # For `clustersearch top`: tasks running and waiting in this node, the
+    # fits its pool processes finished since it started (node/stats.py), and
+    # its data cache.
+    info["running"], info["queued"] = worker_task_counts()
+    counter = FitCounter(settings.cache_dir, info["node"], os.getpid())
+    if info["node"] not in _counters_cleared:
+        counter.forget_others()
+        _counters_cleared.add(info["node"])
+    info["fits_done"], info["mean_fit_s"] = counter.read()
+    info["cache_bytes"] = NodeCache(settings.cache_dir, settings.cache_bytes).nbytes()
+    info["cache_limit"] = settings.cache_bytes
     # Signed last: the proof covers every field above.
     return sign_info(info, signer, nonce)

@@ -24,6 +24,7 @@ from ..wire.signing import Signer
 from .cache import NodeCache
 from .guard import fit_guard
 from .settings import CONF_KEY, NodeSettings
+from .stats import FitCounter
 from .store import PartStore
 
 __all__ = ["SignedLostRequest", "run_batch"]
@@ -112,6 +113,19 @@ def _warnings_raised(caught: list[warnings.WarningMessage]) -> list[tuple[str, s
     return [(module, name, message, n) for (module, name, message), n in counts.items()]
 
 
+def _count_fits(here: _Runtime, node: str, batch: Any, seconds: float) -> None:
+    """Add a finished batch's fits to the node's count (``clustersearch top``)."""
+    try:
+        fits = len(batch)
+    except TypeError:
+        fits = 1
+    try:
+        # The pool's parent is the node's main process, which reports the count.
+        FitCounter(here.settings.cache_dir, node, os.getppid()).add(fits, seconds)
+    except OSError as exc:  # a statistic: never the fit's failure
+        logger.warning("node %s could not count its fits: %s", node, exc)
+
+
 def run_batch(
     task: Any, payload: Any, source: Any = None, blobs: Any = (), auth: Any = None
 ) -> dict[str, Any]:
@@ -175,7 +189,9 @@ def run_batch(
                     store = PartStore(here.settings.cache_dir, here.settings.store_bytes, node)
                     output = store.run(batch)
                 else:
+                    began = time.monotonic()
                     output = batch()
+                    _count_fits(here, node, batch, time.monotonic() - began)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
