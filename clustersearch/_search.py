@@ -8,6 +8,7 @@ builds ``cv_results_`` and refits ``best_estimator_`` in the client.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -26,6 +27,7 @@ from sklearn.model_selection import (
 from ._compat import get_active_backend
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
+from .client.journal import open_journal
 from .exceptions import CallbackNotSupportedError, NotPicklableError
 from .wire.serialization import dumps
 
@@ -59,7 +61,12 @@ __all__ = [
     "ClusterRandomizedSearchCV",
 ]
 
-_CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
+_CLUSTER_CONSTRAINT = {
+    "cluster": [None, str, Cluster],
+    "journal": [None, "boolean", str, os.PathLike],
+    # The value is checked by open_journal (one of REUSE).
+    "journal_reuse": [str],
+}
 
 _TRAFFIC_DOC = """\
     fit_processes_ : dict of str -> list of int
@@ -71,6 +78,9 @@ _TRAFFIC_DOC = """\
     message_bytes_per_node_ : dict of str -> int
         Bytes of task messages (estimators, parameters, references to the
         data) sent to each node.
+    fits_from_journal_ : int
+        Fits answered from the journal (or collected from a dead client's
+        batches) instead of run; 0 without a journal.
 """
 
 _CLUSTER_DOC = """
@@ -80,6 +90,18 @@ _CLUSTER_DOC = """
         ``CLUSTERSEARCH_BROKER_URL`` (and ``CLUSTERSEARCH_RESULT_BACKEND``)
         when set, else an embedded :class:`~clustersearch.LocalCluster` with
         one node per CPU core, started on first use and kept for the process.
+    journal : str, path, bool or None, default=None
+        A file where every finished fit is recorded as it arrives (SQLite),
+        so that a search rerun after the client died, a larger grid or
+        another search over the same data and folds runs only the fits the
+        journal lacks (docs/journal.md). True: ``journal.sqlite`` in the
+        user cache folder. None: ``CLUSTERSEARCH_JOURNAL`` when set, else off.
+    journal_reuse : {"seeded", "always", "any-version", "never"}, default="seeded"
+        Which recorded fits are reused. "seeded": those of the same Python,
+        scikit-learn, numpy and clustersearch versions whose estimator has no
+        ``random_state=None`` (scikit-learn gives those a different result
+        each run); "always": those too; "any-version": seeded fits of other
+        versions too; "never": record only.
 """
 
 
@@ -90,12 +112,15 @@ class _ClusterSearchMixin(_SearchBase):
         # Parameters and fitted attributes the mixin reads or sets (the
         # scikit-learn search sets verbose and n_splits_).
         cluster: Cluster | str | None
+        journal: str | os.PathLike[str] | bool | None
+        journal_reuse: str
         verbose: int
         n_splits_: int
         fits_per_node_: dict[str, int]
         fit_processes_: dict[str, list[int]]
         data_bytes_per_node_: dict[str, int]
         message_bytes_per_node_: dict[str, int]
+        fits_from_journal_: int
 
     def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> Self:
         """Run fit with all sets of parameters, every fit on the cluster.
@@ -119,17 +144,26 @@ class _ClusterSearchMixin(_SearchBase):
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
         cluster = resolve_cluster(self.cluster)
+        journal = open_journal(self.journal, self.journal_reuse)
         callbacks = _callbacks(self)
         _check_picklable(self, params, whole=bool(callbacks))
         # scikit-learn passes the search itself to every fit, for callbacks
         # only: without callbacks it stays here (its cv may be a generator).
         drop = None if callbacks else self
-        with cluster.session(verbose=self.verbose, drop=drop) as session:
-            _check_callbacks(callbacks, session.nodes.values())
-            # Only the search's own Parallel goes to the cluster; the refit
-            # (and anything else in the client) stays local.
-            with parallel_config(backend=ClusterBackend(session, first_only=True)):
-                super().fit(X, y, **params)
+        try:
+            with cluster.session(verbose=self.verbose, drop=drop) as session:
+                _check_callbacks(callbacks, session.nodes.values())
+                if journal is not None:
+                    journal.begin(self, X, y, params, session)
+                    session.journal = journal
+                # Only the search's own Parallel goes to the cluster; the refit
+                # (and anything else in the client) stays local.
+                with parallel_config(backend=ClusterBackend(session, first_only=True)):
+                    super().fit(X, y, **params)
+        finally:
+            if journal is not None:
+                journal.close()
+        self.fits_from_journal_ = journal.hits + journal.collected if journal else 0
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
         self.fit_processes_ = {
             n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_
@@ -145,13 +179,17 @@ class _ClusterSearchMixin(_SearchBase):
         self, evaluate_candidates: Callable[..., Any], *, callback_ctx: Any = None
     ) -> Any:
         backend, _ = get_active_backend()
+        expected = [0]
 
         def counted(
             candidate_params: Iterable[Mapping[str, Any]], *args: Any, **kwargs: Any
         ) -> Any:
             candidate_params = list(candidate_params)
             if isinstance(backend, ClusterBackend):
-                backend.session.progress.expect(len(candidate_params) * self.n_splits_)
+                n_fits = len(candidate_params) * self.n_splits_
+                backend.session.progress.expect(n_fits)
+                if backend.session.journal is not None:
+                    backend.session.journal.expect(n_fits, expected)
             return evaluate_candidates(candidate_params, *args, **kwargs)
 
         return super()._run_search(counted, callback_ctx=callback_ctx)
@@ -215,7 +253,9 @@ def _check_callbacks(found: list[tuple[str, str]], nodes: Iterable[NodeInfo]) ->
 
 # Parameters of a search that never leave the client: the splitter (the
 # client splits; a generator cv is fine), the refit callable, the cluster.
-_STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose"}
+_STAYS_HERE = {
+    "cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose", "journal", "journal_reuse",
+}  # fmt: skip
 
 
 def _check_picklable(
@@ -324,6 +364,8 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         error_score: float | str = np.nan,
         return_train_score: bool = False,
         cluster: Cluster | str | None = None,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -338,6 +380,8 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
             return_train_score=return_train_score,
         )
         self.cluster = cluster
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 
 class ClusterRandomizedSearchCV(_ClusterSearchMixin, RandomizedSearchCV):
@@ -385,6 +429,8 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
         error_score: float | str = np.nan,
         return_train_score: bool = False,
         cluster: Cluster | str | None = None,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -401,6 +447,8 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
             return_train_score=return_train_score,
         )
         self.cluster = cluster
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 
 class ClusterHalvingGridSearchCV(_ClusterSearchMixin, HalvingGridSearchCV):
@@ -450,6 +498,8 @@ random_state, n_jobs, verbose
         n_jobs: int | None = None,
         verbose: int = 0,
         cluster: Cluster | str | None = None,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -469,6 +519,8 @@ random_state, n_jobs, verbose
             verbose=verbose,
         )
         self.cluster = cluster
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 
 class ClusterHalvingRandomSearchCV(_ClusterSearchMixin, HalvingRandomSearchCV):
@@ -519,6 +571,8 @@ error_score, return_train_score, random_state, n_jobs, verbose
         n_jobs: int | None = None,
         verbose: int = 0,
         cluster: Cluster | str | None = None,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -539,5 +593,7 @@ error_score, return_train_score, random_state, n_jobs, verbose
             verbose=verbose,
         )
         self.cluster = cluster
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 

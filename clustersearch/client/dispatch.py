@@ -99,6 +99,8 @@ class Dispatcher:
                     # that share its machine; answer fast again as soon as
                     # results flow.
                     wait = _TICK_S if session.finished else min(2 * wait, _MAX_WAIT_S)
+                    if session.journal is not None:
+                        session.journal.poll(session)
                     self._finish_ready()
                     self.failures.check_nodes()
                     self.failures.back_up_stragglers()
@@ -139,6 +141,9 @@ class Dispatcher:
             assert session.blob_server is not None
             source = session.blob_server.queue_name
             refs = [list(ref) for ref in work.refs]
+            if session.journal is not None:
+                # Noted before it leaves: a successor collects its result.
+                session.journal.sending(work, node)
             try:
                 result = session.app.send_task(
                     TASK_NAME,
@@ -302,6 +307,8 @@ class Dispatcher:
                     if isinstance(output, RemoteFailure):
                         work.error = output.exception_with_traceback()
                     else:
+                        if session.journal is not None:
+                            session.journal.finished(work, output)
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)

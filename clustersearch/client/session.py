@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from .cluster import NodeInfo
+    from .journal import SearchJournal
 
 __all__ = ["Session", "Stats", "Work"]
 
@@ -123,6 +124,8 @@ class Session:
         self.blob_server: BlobServer | None = None
         self.dispatcher = Dispatcher(self)
         self._watcher: Watcher | None = None
+        # Set by a search with journal= before its first batch.
+        self.journal: SearchJournal | None = None
 
     # -- life cycle
 
@@ -165,9 +168,18 @@ class Session:
     def submit(self, func: Any, callback: Callable[[Future], Any] | None = None) -> Future:
         """Queue ``func`` (a joblib batch) for a node; return its future."""
         n_calls = len(func) if hasattr(func, "__len__") else 1
+        keyed = None
+        if self.journal is not None:
+            # Calls the journal holds are answered here (client/journal.py).
+            answered, keyed = self.journal.submit(self, func, callback)
+            if answered is not None:
+                return answered
         try:
             payload, refs = dumps_with_blobs(func, self.blobs, self.drop)
             work = Work(payload, callback, n_calls, refs=refs, batch=func)
+            work.journal = keyed
+            if self.journal is not None and self.journal.waits(self, work):
+                return work.future
         except Exception as exc:
             error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
             error.__cause__ = exc

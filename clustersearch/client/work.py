@@ -15,7 +15,7 @@ class Work:
 
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
-        "task_id", "batch", "tries", "avoid", "backed_up", "rejected",
+        "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "journal",
     )  # fmt: skip
 
     def __init__(
@@ -42,6 +42,8 @@ class Work:
         self.avoid: set[str] = set()  # nodes it should not go back to
         self.backed_up = False  # a second copy was sent
         self.rejected = 0  # results that failed verification (dropped)
+        # Its calls' journal keys and seeded flags (client/journal.py), or None.
+        self.journal: tuple[list[str], list[bool]] | None = None
 
 
 @dataclass(eq=False)
