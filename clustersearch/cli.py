@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._optional import check_url
-from .exceptions import MissingDependencyError
+from .exceptions import JournalError, MissingDependencyError
 
 __all__ = ["main"]
 
@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     nodes.add_argument("--backend", default=env_backend)
     nodes.add_argument("--timeout", type=float, default=1.0,
                        help="seconds to wait for answers (default: 1)")
+
+    journal = sub.add_parser("journal", help="list (or prune) the searches in a result journal")
+    journal.add_argument("path", help="the journal file (a search's journal=)")
+    journal.add_argument("--prune", action="append", default=[], metavar="SEARCH_ID",
+                         help="delete this search and the fits no other search uses "
+                         "(repeatable)")
+    journal.add_argument("--prune-older-than", type=float, default=None, metavar="DAYS",
+                         help="delete the searches not used for DAYS days")
     return parser
 
 
@@ -214,14 +222,55 @@ def _run_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_journal(args: argparse.Namespace) -> int:
+    import time
+
+    from .client.journal import Journal
+
+    if not Path(args.path).exists():
+        print(f"clustersearch journal: no file {args.path!r}", file=sys.stderr)
+        return 1
+    journal = Journal(args.path)
+    try:
+        if args.prune or args.prune_older_than is not None:
+            older = args.prune_older_than * 86400 if args.prune_older_than is not None else None
+            known = {s["id"] for s in journal.searches()}
+            unknown = [i for i in args.prune if i not in known]
+            if unknown:
+                print(f"clustersearch journal: no search {unknown[0]!r} in {args.path!r} "
+                      f"(ids: {sorted(known)})", file=sys.stderr)  # fmt: skip
+                return 1
+            print(f"pruned {journal.prune(args.prune, older)} searches")
+        searches = journal.searches()
+    finally:
+        journal.close()
+
+    def day(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    rows = [("SEARCH", "ESTIMATOR", "FITS", "SIZE", "CREATED", "UPDATED", "PARAMETERS")]
+    for s in searches:
+        rows.append((s["id"], s["estimator"], f"{s['done']}/{s['total']}",
+                     f"{s['bytes'] / 1e3:.1f} kB", day(s["created"]), day(s["updated"]),
+                     s["params"]))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    size = Path(args.path).stat().st_size
+    print(f"{len(searches)} searches, {size / 1e6:.1f} MB on disk ({args.path})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int | None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "worker":
             _run_worker(args)
             return None
+        if args.command == "journal":
+            return _run_journal(args)
         return _run_nodes(args)
-    except MissingDependencyError as exc:
+    except (JournalError, MissingDependencyError) as exc:
         sys.exit(f"clustersearch {args.command}: {exc}")
 
 
