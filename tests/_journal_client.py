@@ -33,7 +33,7 @@ class LoggedTree(DecisionTreeClassifier):
     def fit(self, X, y, sample_weight=None, check_input=True):
         if self.log_dir:
             rows = f"{len(X)}:{float(np.asarray(X)[:, 0].sum()):.10f}"
-            what = f"{self.max_depth} {self.min_samples_leaf} {rows} {os.getpid()}"
+            what = f"{self.max_depth} {self.min_samples_leaf} {rows} {os.getpid()} {os.getppid()}"
             with open(os.path.join(self.log_dir, uuid.uuid4().hex), "w") as f:
                 f.write(what)
         time.sleep(self.delay)
