@@ -75,11 +75,13 @@ def results(s):
 
 if __name__ == "__main__":
     spec = json.loads(open(sys.argv[1]).read())
+    # The module's own LoggedTree (not __main__'s copy), as the tests build it.
+    import _journal_client as me
     from clustersearch import Cluster
 
-    X, y = data()
+    X, y = me.data()
     with Cluster(spec["broker"], spec["backend"], progress=False) as cluster:
-        s = search(spec, cluster).fit(X, y)
+        s = me.search(spec, cluster).fit(X, y)
     with open(spec["out"], "w") as f:
         json.dump({"results": results(s), "fits_per_node": s.fits_per_node_,
                    "from_journal": s.fits_from_journal_,
