@@ -46,9 +46,10 @@ def data():
 
 def search(spec, cluster=None):
     """The search ``spec`` describes; ``cluster=None`` builds scikit-learn's."""
-    import clustersearch as cs
-    from sklearn.experimental import enable_halving_search_cv  # noqa: F401
     from sklearn import model_selection as ms
+    from sklearn.experimental import enable_halving_search_cv  # noqa: F401
+
+    import clustersearch as cs
 
     est = LoggedTree(random_state=spec.get("seed", 0), log_dir=spec.get("log_dir"),
                      delay=spec.get("delay", 0.0))
@@ -77,6 +78,7 @@ if __name__ == "__main__":
     spec = json.loads(open(sys.argv[1]).read())
     # The module's own LoggedTree (not __main__'s copy), as the tests build it.
     import _journal_client as me
+
     from clustersearch import Cluster
 
     X, y = me.data()

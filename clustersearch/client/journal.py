@@ -448,7 +448,8 @@ def _user_code_digest(obj: Any) -> str:
 def _init_params(cls: type) -> list[str]:
     """The parameters of ``cls.__init__`` (scikit-learn's convention: they
     are the estimator's parameters, stored as attributes of the same name)."""
-    init = getattr(cls.__init__, "deprecated_original", cls.__init__)
+    init: Any = cls.__dict__.get("__init__") or getattr(cls, "__init__")  # noqa: B009
+    init = getattr(init, "deprecated_original", init)
     if init is object.__init__:
         return []
     params = inspect.signature(init).parameters.values()
