@@ -445,6 +445,10 @@ def _user_code_digest(obj: Any) -> str:
     return hashlib.blake2b(source.encode(), digest_size=16).hexdigest()
 
 
+def _digest(form: Any) -> str:
+    return hashlib.blake2b(repr(form).encode(), digest_size=16).hexdigest()
+
+
 def _init_params(cls: type) -> list[str]:
     """The parameters of ``cls.__init__`` (scikit-learn's convention: they
     are the estimator's parameters, stored as attributes of the same name)."""
@@ -467,12 +471,13 @@ class _Keyer:
     cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     code: dict[Any, str] = field(default_factory=dict)
     names: dict[type, list[str]] = field(default_factory=dict)
+    estimators: dict[Any, tuple[Any, Any, list[str]]] = field(default_factory=dict)
 
     def cached(self, obj: Any) -> Any:
         hit = self.cache.get(id(obj))
         if hit is not None and hit[0] is obj:
             return hit[1]
-        form = self.canon(obj, [])
+        form = ("d", _digest(self.canon(obj, [])))
         self.cache[id(obj)] = (obj, form)
         return form
 
@@ -486,6 +491,33 @@ class _Keyer:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).data)
         return ("arr", h.hexdigest())
+
+    def estimator(self, est: Any, unseeded: list[str], path: str, depth: int) -> Any:
+        # Every call holds a fresh clone of the same estimator, whose
+        # parameter values are mostly the very same objects (ints, strings,
+        # None): memoized by the identity of its values, held alive here.
+        t = type(est)
+        params = self.params(est)
+        names = sorted(params)
+        values = tuple(params[n] for n in names)
+        memo_key = (t, path, tuple(map(id, values)))
+        hit = self.estimators.get(memo_key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], values)):
+            unseeded.extend(hit[2])
+            return hit[1]
+        inner: list[str] = []
+        items = []
+        for name, value in zip(names, values):
+            sub = f"{path}__{name}" if path else name
+            if name == "random_state" and value is None:
+                inner.append(sub)
+            items.append((name, self.canon(value, inner, sub, depth + 1)))
+        form = ("est", _digest(("est", self.kind(t), tuple(items))))
+        if len(self.estimators) > 10_000:
+            self.estimators.clear()
+        self.estimators[memo_key] = (values, form, inner)
+        unseeded.extend(inner)
+        return form
 
     def params(self, est: Any) -> dict[str, Any]:
         """``est.get_params(deep=False)``, without its signature inspection
@@ -516,15 +548,7 @@ class _Keyer:
         if isinstance(obj, type) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
             return ("code",) + self.kind(obj)
         if hasattr(obj, "get_params") and hasattr(obj, "fit"):
-            params = self.params(obj)
-            items = []
-            for name in sorted(params):
-                value = params[name]
-                sub = f"{path}__{name}" if path else name
-                if name == "random_state" and value is None:
-                    unseeded.append(sub)
-                items.append((name, self.canon(value, unseeded, sub, depth + 1)))
-            return ("est", self.kind(t), tuple(items))
+            return self.estimator(obj, unseeded, path, depth)
         if isinstance(obj, Mapping):
             items = [(self.canon(k, [], "", depth + 1), self.canon(v, unseeded, f"{path}__{k}" if path else str(k), depth + 1))
                      for k, v in obj.items()]  # fmt: skip
