@@ -642,6 +642,7 @@ class SearchJournal:
         self._next_poll = 0.0
         self._collect_s: float | None = None
         self.collectable = False
+        self.sent: set[str] = set()  # task ids this search sent
 
     # -- the search
 
@@ -747,6 +748,10 @@ class SearchJournal:
         if not flying:
             return False
         task_id, position, _node, sent = flying[keyed[0][0]]
+        if task_id in self.sent:
+            # This search's own batch (a candidate sampled twice): sent
+            # again, as without a journal.
+            return False
         with session.lock:
             collect = self.collects.get(task_id)
             if collect is None:
@@ -756,6 +761,7 @@ class SearchJournal:
                                    sent + self._collect_s)  # fmt: skip
                 self.collects[task_id] = collect
             collect.waiters.append((work, position))
+        session.wake.set()
         return True
 
     # -- the dispatcher thread
@@ -763,6 +769,7 @@ class SearchJournal:
     def sending(self, work: Work, node: str) -> None:
         """Called just before ``work`` is sent as ``work.task_id``."""
         if work.journal is not None and work.task_id is not None and self.collectable:
+            self.sent.add(work.task_id)
             try:
                 self.journal.sending(work.task_id, work.journal[0], node)
             except Exception:
@@ -798,12 +805,15 @@ class SearchJournal:
                 outputs = self._open(session, task_id, meta.get("result"), len(collect.keys))
             elif status == "PENDING" and time.time() < collect.deadline:
                 continue
-            del self.collects[task_id]
+            with session.lock:
+                # Waiters that come later start a new collect of this task.
+                del self.collects[task_id]
+                waiters = list(collect.waiters)
             if outputs is None:
                 # Failed, lost, unreadable or too late: the fits run here.
                 self.journal.forget_batch(task_id)
                 with session.lock:
-                    for work, _ in collect.waiters:
+                    for work, _ in waiters:
                         if not work.future.done():
                             session.pending.append(work)
                 session.wake.set()
@@ -812,19 +822,19 @@ class SearchJournal:
             try:
                 # Seeded or not, it was this batch's one run: recorded as
                 # such only if every waiter's call says so.
-                seeded_of = {w.journal[0][0]: w.journal[1][0] for w, _ in collect.waiters if w.journal}
+                seeded_of = {w.journal[0][0]: w.journal[1][0] for w, _ in waiters if w.journal}
                 seeded = [seeded_of.get(k, True) for k in collect.keys]
                 self.journal.record(self.search_id, collect.keys, seeded, outputs, task_id)
             except Exception:
                 logger.exception("could not write to the journal %s", self.journal.path)
             with session.lock:
-                for work, position in collect.waiters:
+                for work, position in waiters:
                     if work.future.done():  # cancelled meanwhile
                         continue
                     work.result = Local([outputs[position]])
                     session.finished.append(work)
                     self.collected += 1
-            session.progress.advance(len(collect.waiters))
+            session.progress.advance(len(waiters))
 
     def _open(self, session: Session, task_id: str, envelope: Any, n: int) -> list[Any] | None:
         if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
