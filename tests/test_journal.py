@@ -343,3 +343,18 @@ def test_the_environment_variable_turns_the_journal_on(embedded_cluster, tmp_pat
     off = ClusterGridSearchCV(LoggedTree(random_state=0), grid, cv=3, cluster=embedded_cluster,
                               journal=False).fit(X, Y)  # fmt: skip
     assert off.fits_from_journal_ == 0
+
+
+def test_journal_true_is_the_user_cache_folder(embedded_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLUSTERSEARCH_JOURNAL", "1")  # the same as journal=True
+    grid = {"max_depth": [1, 2]}
+    s = ClusterGridSearchCV(LoggedTree(random_state=0), grid, cv=3, cluster=embedded_cluster)
+    s.fit(X, Y)
+    path = tmp_path / "cache" / "clustersearch" / "journal.sqlite"
+    assert len(_read_journal(path)[0]) == 6
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    monkeypatch.delenv("CLUSTERSEARCH_JOURNAL")
+    again = ClusterGridSearchCV(LoggedTree(random_state=0), grid, cv=3, cluster=embedded_cluster,
+                                journal=True).fit(X, Y)  # fmt: skip
+    assert again.fits_from_journal_ == 6 and _ran(again) == 0
