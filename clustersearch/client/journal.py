@@ -697,7 +697,18 @@ class SearchJournal:
     ) -> tuple[Future | None, tuple[list[str], list[bool]] | None]:
         """Answer what the journal holds of batch ``func``: ``(future,
         None)``; or ``(None, keys)`` when the whole batch goes the usual way
-        (``keys``: its calls' keys and seeded flags, None if not journaled)."""
+        (``keys``: its calls' keys and seeded flags, None if not journaled).
+        A journal that cannot be read now (a disk error, a lock held for
+        a minute) sends the batch: the search goes on without it."""
+        try:
+            return self._submit(session, func, callback)
+        except sqlite3.Error as exc:
+            logger.warning("journal %s: %s; the batch is sent", self.journal.path, exc)
+            return None, None
+
+    def _submit(
+        self, session: Session, func: Any, callback: Any
+    ) -> tuple[Future | None, tuple[list[str], list[bool]] | None]:
         keyed = self.keys(func)
         if keyed is None:
             return None, None
@@ -744,7 +755,11 @@ class SearchJournal:
         keyed = work.journal
         if keyed is None or len(keyed[0]) != 1 or not self.collectable:
             return False
-        flying = self.journal.in_flight(keyed[0])
+        try:
+            flying = self.journal.in_flight(keyed[0])
+        except sqlite3.Error as exc:
+            logger.warning("journal %s: %s; the fit is sent", self.journal.path, exc)
+            return False
         if not flying:
             return False
         task_id, position, _node, sent = flying[keyed[0][0]]

@@ -178,12 +178,12 @@ class Session:
             payload, refs = dumps_with_blobs(func, self.blobs, self.drop)
             work = Work(payload, callback, n_calls, refs=refs, batch=func)
             work.journal = keyed
-            if self.journal is not None and self.journal.waits(self, work):
-                return work.future
         except Exception as exc:
             error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
             error.__cause__ = exc
             work = Work(None, callback, n_calls, error=error, batch=func)
+        if work.error is None and self.journal is not None and self.journal.waits(self, work):
+            return work.future  # a dead client's batch: its stored result is collected
         with self.lock:
             if self.failure is not None:
                 work.error = self.failure
