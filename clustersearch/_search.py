@@ -9,6 +9,7 @@ builds ``cv_results_`` and refits ``best_estimator_`` in the client.
 from __future__ import annotations
 
 import numbers
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ from sklearn.model_selection import (
 from ._compat import batch_calls, batch_with_calls, get_active_backend, search_cv
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
+from .client.journal import open_journal
 from .exceptions import CallbackNotSupportedError, NotPicklableError
 from .wire.context import in_node_task
 from .wire.predictions import STACK_METHODS, Kept, PredictingCall
@@ -66,7 +68,13 @@ __all__ = [
 ]
 
 _CLUSTER_CONSTRAINT = {"cluster": [None, str, Cluster]}
-_SEARCH_CONSTRAINTS = {**_CLUSTER_CONSTRAINT, "keep_predictions": ["boolean"]}
+_SEARCH_CONSTRAINTS = {
+    **_CLUSTER_CONSTRAINT,
+    "keep_predictions": ["boolean"],
+    "journal": [None, "boolean", str, os.PathLike],
+    # The value is checked by open_journal (one of REUSE).
+    "journal_reuse": [str],
+}
 
 _TRAFFIC_DOC = """\
     fit_processes_ : dict of str -> list of int
@@ -91,6 +99,9 @@ _TRAFFIC_DOC = """\
         ``count``, ``nodes``), also raised in the client when fit ends.
     fit_failures_ : list of dict
         The fits that raised (``node``, ``error``: scikit-learn's traceback text).
+    fits_from_journal_ : int
+        Fits answered from the journal (or collected from a dead client's
+        batches) instead of run; 0 without a journal.
 """
 
 _CLUSTER_DOC = """
@@ -100,6 +111,18 @@ _CLUSTER_DOC = """
         ``CLUSTERSEARCH_BROKER_URL`` (and ``CLUSTERSEARCH_RESULT_BACKEND``)
         when set, else an embedded :class:`~clustersearch.LocalCluster` with
         one node per CPU core, started on first use and kept for the process.
+    journal : str, path, bool or None, default=None
+        A file where every finished fit is recorded as it arrives (SQLite),
+        so that a search rerun after the client died, a larger grid or
+        another search over the same data and folds runs only the fits the
+        journal lacks (docs/journal.md). True: ``journal.sqlite`` in the
+        user cache folder. None: ``CLUSTERSEARCH_JOURNAL`` when set, else off.
+    journal_reuse : {"seeded", "always", "any-version", "never"}, default="seeded"
+        Which recorded fits are reused. "seeded": those of the same Python,
+        scikit-learn, numpy and clustersearch versions whose estimator has no
+        ``random_state=None`` (scikit-learn gives those a different result
+        each run); "always": those too; "any-version": seeded fits of other
+        versions too; "never": record only.
 """
 
 _KEEP_DOC = """\
@@ -133,6 +156,8 @@ class _ClusterSearchMixin(_SearchBase):
         # scikit-learn search sets verbose and n_splits_).
         cluster: Cluster | str | None
         keep_predictions: bool
+        journal: str | os.PathLike[str] | bool | None
+        journal_reuse: str
         verbose: int
         n_splits_: int
         fits_per_node_: dict[str, int]
@@ -142,6 +167,7 @@ class _ClusterSearchMixin(_SearchBase):
         fit_timeline_: dict[str, Any]
         fit_warnings_: list[dict[str, Any]]
         fit_failures_: list[dict[str, Any]]
+        fits_from_journal_: int
 
     def fit(self, X: ArrayLike, y: ArrayLike | None = None, **params: Any) -> Self:
         """Run fit with all sets of parameters, every fit on the cluster.
@@ -170,28 +196,38 @@ class _ClusterSearchMixin(_SearchBase):
             # fit here, in the node's process; never dispatch from a node.
             super().fit(X, y, **params)
             _record_session(self, None)
+            self.fits_from_journal_ = 0
             return self
         # scikit-learn's own validation first: nothing is sent for a typo.
         if not get_config()["skip_parameter_validation"]:
             self._validate_params()
         cluster = resolve_cluster(self.cluster)
+        journal = open_journal(self.journal, self.journal_reuse)
         callbacks = _callbacks(self)
         _check_picklable(self, params, whole=bool(callbacks))
         # scikit-learn passes the search itself to every fit, for callbacks
         # only: without callbacks it stays here (its cv may be a generator).
         drop = None if callbacks else self
-        with cluster.session(verbose=self.verbose, drop=drop) as session:
-            _check_callbacks(callbacks, session.nodes.values())
-            # Only the search's own Parallel goes to the cluster; the refit
-            # (and anything else in the client) stays local.
-            if self.keep_predictions:
-                kind = "classifier" if is_classifier(self.estimator) else "regressor"
-                keeper = _Keeper(STACK_METHODS[kind])
-                backend: ClusterBackend = _KeepingBackend(session, keeper)
-            else:
-                backend = ClusterBackend(session, first_only=True)
-            with parallel_config(backend=backend):
-                super().fit(X, y, **params)
+        try:
+            with cluster.session(verbose=self.verbose, drop=drop) as session:
+                _check_callbacks(callbacks, session.nodes.values())
+                if journal is not None:
+                    journal.begin(self, X, y, params, session)
+                    session.journal = journal
+                # Only the search's own Parallel goes to the cluster; the refit
+                # (and anything else in the client) stays local.
+                if self.keep_predictions:
+                    kind = "classifier" if is_classifier(self.estimator) else "regressor"
+                    keeper = _Keeper(STACK_METHODS[kind])
+                    backend: ClusterBackend = _KeepingBackend(session, keeper)
+                else:
+                    backend = ClusterBackend(session, first_only=True)
+                with parallel_config(backend=backend):
+                    super().fit(X, y, **params)
+        finally:
+            if journal is not None:
+                journal.close()
+        self.fits_from_journal_ = journal.hits + journal.collected if journal else 0
         if self.keep_predictions:
             self._assemble_predictions(keeper, _n_samples(X))
         # What the fits warned on the nodes, raised here as a local search would.
@@ -420,6 +456,7 @@ class _ClusterSearchMixin(_SearchBase):
         self, evaluate_candidates: Callable[..., Any], *, callback_ctx: Any = None
     ) -> Any:
         backend, _ = get_active_backend()
+        expected = [0]
 
         def counted(
             candidate_params: Iterable[Mapping[str, Any]],
@@ -429,7 +466,10 @@ class _ClusterSearchMixin(_SearchBase):
         ) -> Any:
             candidate_params = list(candidate_params)
             if isinstance(backend, ClusterBackend):
-                backend.session.progress.expect(len(candidate_params) * self.n_splits_)
+                n_fits = len(candidate_params) * self.n_splits_
+                backend.session.progress.expect(n_fits)
+                if backend.session.journal is not None:
+                    backend.session.journal.expect(n_fits, expected)
             # The splits these fits use, recorded as scikit-learn makes them.
             offset = sum(r.n_candidates for r in self._rounds)
             splitter = _Recording(cv if cv is not None else search_cv(self))
@@ -636,7 +676,10 @@ def _check_callbacks(found: list[tuple[str, str]], nodes: Iterable[NodeInfo]) ->
 
 # Parameters of a search that never leave the client: the splitter (the
 # client splits; a generator cv is fine), the refit callable, the cluster.
-_STAYS_HERE = {"cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose", "keep_predictions"}
+_STAYS_HERE = {
+    "cv", "refit", "cluster", "n_jobs", "pre_dispatch", "verbose", "keep_predictions",
+    "journal", "journal_reuse",
+}  # fmt: skip
 
 
 def _check_picklable(
@@ -746,6 +789,8 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         return_train_score: bool = False,
         cluster: Cluster | str | None = None,
         keep_predictions: bool = False,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -761,6 +806,8 @@ scorer_, n_splits_, refit_time_, multimetric_, classes_, n_features_in_
         )
         self.cluster = cluster
         self.keep_predictions = keep_predictions
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 
 class ClusterRandomizedSearchCV(_ClusterSearchMixin, RandomizedSearchCV):
@@ -809,6 +856,8 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
         return_train_score: bool = False,
         cluster: Cluster | str | None = None,
         keep_predictions: bool = False,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -826,6 +875,8 @@ verbose, pre_dispatch, random_state, error_score, return_train_score
         )
         self.cluster = cluster
         self.keep_predictions = keep_predictions
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 
 class ClusterHalvingGridSearchCV(_ClusterSearchMixin, HalvingGridSearchCV):
@@ -876,6 +927,8 @@ random_state, n_jobs, verbose
         verbose: int = 0,
         cluster: Cluster | str | None = None,
         keep_predictions: bool = False,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -896,6 +949,8 @@ random_state, n_jobs, verbose
         )
         self.cluster = cluster
         self.keep_predictions = keep_predictions
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 
 class ClusterHalvingRandomSearchCV(_ClusterSearchMixin, HalvingRandomSearchCV):
@@ -947,6 +1002,8 @@ error_score, return_train_score, random_state, n_jobs, verbose
         verbose: int = 0,
         cluster: Cluster | str | None = None,
         keep_predictions: bool = False,
+        journal: str | os.PathLike[str] | bool | None = None,
+        journal_reuse: str = "seeded",
     ) -> None:
         super().__init__(
             estimator,
@@ -968,5 +1025,7 @@ error_score, return_train_score, random_state, n_jobs, verbose
         )
         self.cluster = cluster
         self.keep_predictions = keep_predictions
+        self.journal = journal
+        self.journal_reuse = journal_reuse
 
 

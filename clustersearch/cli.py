@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ._optional import check_url
-from .exceptions import ClusterSearchError, MissingDependencyError
+from .exceptions import ClusterSearchError, JournalError, MissingDependencyError
 
 if TYPE_CHECKING:
     from .client.cluster import NodeInfo
@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                         "load only files you trust)")
     report.add_argument("-o", "--output", default=None,
                         help="the HTML file (default: the search file's name, .html)")
+
+    journal = sub.add_parser("journal", help="list (or prune) the searches in a result journal")
+    journal.add_argument("path", help="the journal file (a search's journal=)")
+    journal.add_argument("--prune", action="append", default=[], metavar="SEARCH_ID",
+                         help="delete this search and the fits no other search uses "
+                         "(repeatable)")
+    journal.add_argument("--prune-older-than", type=float, default=None, metavar="DAYS",
+                         help="delete the searches not used for DAYS days")
     return parser
 
 
@@ -375,6 +383,45 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_journal(args: argparse.Namespace) -> int:
+    import time
+
+    from .client.journal import Journal
+
+    if not Path(args.path).exists():
+        print(f"clustersearch journal: no file {args.path!r}", file=sys.stderr)
+        return 1
+    journal = Journal(args.path)
+    try:
+        if args.prune or args.prune_older_than is not None:
+            older = args.prune_older_than * 86400 if args.prune_older_than is not None else None
+            known = {s["id"] for s in journal.searches()}
+            unknown = [i for i in args.prune if i not in known]
+            if unknown:
+                print(f"clustersearch journal: no search {unknown[0]!r} in {args.path!r} "
+                      f"(ids: {sorted(known)})", file=sys.stderr)  # fmt: skip
+                return 1
+            print(f"pruned {journal.prune(args.prune, older)} searches")
+        searches = journal.searches()
+    finally:
+        journal.close()
+
+    def day(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    rows = [("SEARCH", "ESTIMATOR", "FITS", "SIZE", "CREATED", "UPDATED", "PARAMETERS")]
+    for s in searches:
+        rows.append((s["id"], s["estimator"], f"{s['done']}/{s['total']}",
+                     f"{s['bytes'] / 1e3:.1f} kB", day(s["created"]), day(s["updated"]),
+                     s["params"]))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    size = Path(args.path).stat().st_size
+    print(f"{len(searches)} searches, {size / 1e6:.1f} MB on disk ({args.path})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int | None:
     args = _parser().parse_args(argv)
     try:
@@ -385,8 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int | None:
             return _run_report(args)
         if args.command == "top":
             return _run_top(args)
+        if args.command == "journal":
+            return _run_journal(args)
         return _run_nodes(args)
-    except MissingDependencyError as exc:
+    except (JournalError, MissingDependencyError) as exc:
         sys.exit(f"clustersearch {args.command}: {exc}")
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "CallbackNotSupportedError",
     "ClusterSearchError",
     "ConfigurationError",
+    "JournalError",
     "MissingDependencyError",
     "NoWorkersError",
     "NodeFailureError",
@@ -50,6 +51,10 @@ class CallbackNotSupportedError(ClusterSearchError, ValueError):
 
 class ConfigurationError(ClusterSearchError, ValueError):
     """A setting is invalid: a policy value, a secret, a size."""
+
+
+class JournalError(ClusterSearchError, ValueError):
+    """A result journal cannot be used: not a journal, another format, damaged."""
 
 
 class MissingDependencyError(ClusterSearchError, ImportError):

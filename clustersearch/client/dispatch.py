@@ -99,6 +99,8 @@ class Dispatcher:
                     # that share its machine; answer fast again as soon as
                     # results flow.
                     wait = _TICK_S if session.finished else min(2 * wait, _MAX_WAIT_S)
+                    if session.journal is not None:
+                        session.journal.poll(session)
                     self._finish_ready()
                     self.failures.check_nodes()
                     self.failures.back_up_stragglers()
@@ -137,6 +139,9 @@ class Dispatcher:
             assert session.blob_server is not None
             source = session.blob_server.queue_name
             refs = [list(ref) for ref in work.refs]
+            if session.journal is not None:
+                # Noted before it leaves: a successor collects its result.
+                session.journal.sending(work, node)
             try:
                 result = session.app.send_task(
                     TASK_NAME,
@@ -333,6 +338,8 @@ class Dispatcher:
                         stats.add_warnings(value["node"], value.get("warnings"))
                         stats.add_run(work, value)
                         stats.count_result(value["node"], len(work.result["payload"]), work.n_calls)
+                        if session.journal is not None:
+                            session.journal.finished(work, output)
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)

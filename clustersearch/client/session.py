@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from .cluster import NodeInfo
+    from .journal import SearchJournal
 
 __all__ = ["Session", "Stats", "Work"]
 
@@ -181,6 +182,8 @@ class Session:
         self.blob_server: BlobServer | None = None
         self.dispatcher = Dispatcher(self)
         self._watcher: Watcher | None = None
+        # Set by a search with journal= before its first batch.
+        self.journal: SearchJournal | None = None
 
     # -- life cycle
 
@@ -234,13 +237,22 @@ class Session:
         fails with :class:`~clustersearch.exceptions.NodeLostError`.
         """
         n_calls = len(func) if hasattr(func, "__len__") else 1
+        keyed = None
+        if self.journal is not None:
+            # Calls the journal holds are answered here (client/journal.py).
+            answered, keyed = self.journal.submit(self, func, callback)
+            if answered is not None:
+                return answered
         try:
             payload, refs = dumps_with_blobs(func, self.blobs, self.drop)
             work = Work(payload, callback, n_calls, refs=refs, batch=func, only=only)
+            work.journal = keyed
         except Exception as exc:
             error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
             error.__cause__ = exc
             work = Work(None, callback, n_calls, error=error, batch=func)
+        if work.error is None and self.journal is not None and self.journal.waits(self, work):
+            return work.future  # a dead client's batch: its stored result is collected
         with self.lock:
             if self.failure is not None:
                 work.error = self.failure

@@ -16,7 +16,7 @@ class Work:
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
         "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "sent_at", "only",
-        "verified",
+        "verified", "journal",
     )  # fmt: skip
 
     def __init__(
@@ -50,6 +50,8 @@ class Work:
         # Pinned work runs on this node or nowhere (it needs what the node
         # holds): when the node is lost it fails with NodeLostError.
         self.only = only
+        # Its calls' journal keys and seeded flags (client/journal.py), or None.
+        self.journal: tuple[list[str], list[bool]] | None = None
 
 
 @dataclass(eq=False)
