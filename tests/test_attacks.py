@@ -306,6 +306,21 @@ def _capture_info(attacker, arguments):
     return [info for reply in replies for info in reply.values() if "node" in info]
 
 
+def _real_nodes_despite(target, asks=3):
+    """The nodes ``target.nodes()`` admits while fake ones answer too: no
+    ask may admit a node that is not one of the real ones; the real ones
+    are all found within ``asks`` asks (a real node's reply can miss one ask
+    on a loaded machine: Redis delivers broadcasts once, by pub/sub)."""
+    found = {}
+    for _ in range(asks):
+        nodes = target.nodes(timeout=5)
+        assert {n.name for n in nodes} <= set(target.node_names), nodes
+        found.update((n.name, n) for n in nodes)
+        if set(found) == set(target.node_names):
+            break
+    return [found[name] for name in sorted(found)]
+
+
 def test_fake_nodes_replaying_replies_are_not_admitted(target, capsys, caplog):
     pids = _pids(target)
     attacker = Attacker(target)
@@ -328,7 +343,7 @@ def test_fake_nodes_replaying_replies_are_not_admitted(target, capsys, caplog):
     attacker.spawn(attacker.answer_info, replies)
     try:
         time.sleep(0.5)  # the fake nodes listen
-        nodes = target.nodes(timeout=5)  # the real nodes may be slow under load
+        nodes = _real_nodes_despite(target)
         assert sorted(n.name for n in nodes) == sorted(target.node_names)
         assert all(n.concurrency == 2 for n in nodes)
         session = _run_search(target)
@@ -446,7 +461,7 @@ def test_malformed_info_replies_are_ignored(target, capsys, caplog):
     attacker.spawn(attacker.answer_info, bad)
     try:
         time.sleep(0.5)  # the fake nodes listen
-        nodes = target.nodes(timeout=5)  # the real nodes may be slow under load
+        nodes = _real_nodes_despite(target)
         assert sorted(n.name for n in nodes) == sorted(target.node_names)
         session = _run_search(target)
     finally:
