@@ -88,10 +88,12 @@ def _assert_pool_processes(pids, cluster):
         assert ppid in main and pid not in main, f"pid {pid} is not a pool process of a node"
 
 
-def _kill_and_rerun(cluster, tmp_path, kill_at, **kw):
+def _kill_and_rerun(cluster, tmp_path, kill_at, after_kill=None, **kw):
     """Run a client, SIGKILL it once ``kill_at`` fits are recorded, run it
     again; return (fits run twice, fits in flight at the death, the rerun's
-    report), after checking the results against scikit-learn's."""
+    report), after checking the results against scikit-learn's.
+    ``after_kill(spec, recorded)``, if given, runs between the death and the
+    rerun."""
     spec = _spec(cluster, tmp_path, **kw)
     journal = spec["journal"]
     first = _start_client(spec, cluster, tmp_path, "first")
@@ -112,6 +114,8 @@ def _kill_and_rerun(cluster, tmp_path, kill_at, **kw):
     ref = search(spec).fit(X, Y)
     total = len(ref.cv_results_["params"]) * ref.n_splits_
     assert kill_at <= len(recorded) < total, (len(recorded), total)
+    if after_kill is not None:
+        after_kill(spec, recorded)
 
     second = _start_client(spec, cluster, tmp_path, "second")
     _finish(second)
