@@ -39,6 +39,7 @@ def net(tmp_path_factory):
     net = NetCluster(tmp_path_factory.mktemp("netcluster"), n_hosts=3, n_nodes=3).start()
     try:
         with net.cluster() as cluster:  # the client's view, from the host
+            cluster.secret = net.secret  # for the client processes
             yield cluster
     finally:
         net.close()
