@@ -93,11 +93,8 @@ def _settled_executions(cluster, log_dir, quiet_s=3.0):
         time.sleep(0.1)
 
 
-def spec_log(tmp_path):
-    return tmp_path / "log"
-
-
 def _timeline(log, first):
+    """(seconds after the rerun began, the fit's file) of every fit."""
     files = sorted(log.iterdir(), key=lambda f: f.stat().st_mtime)
     return [(round(f.stat().st_mtime - first["rerun"], 2), f.read_text()) for f in files]
 
@@ -127,7 +124,7 @@ def test_a_killed_client_resumes_rpc_results(rpc_cluster, tmp_path):
     assert report["from_journal"] == first["recorded"]
     assert ran_by_rerun == 36 - first["recorded"]
     if twice > flying:
-        print(*_timeline(spec_log(tmp_path), first), sep="\n")
+        print(*_timeline(tmp_path / "log", first), sep="\n")
     assert twice <= flying, (twice, flying)
     FIGURES.append(f"rpc://: recorded at the death {first['recorded']}, in flight at the death "
                    f"{flying}, run twice {twice}, ran by the rerun {ran_by_rerun}")  # fmt: skip
