@@ -60,16 +60,20 @@ class FitGuard:
     reports a result or reads its next task dies holding a lock that every
     later process of the node then waits for, forever. A revoke arrives at
     any moment, so the signal is blocked in the process and a thread of its
-    own takes it: it kills the process at once if a fit is running (as
-    SIGTERM would, a fit in C code included), and drops it otherwise (the
-    fit has finished; the client ignores its result). The lock keeps a fit
-    from finishing while the thread decides.
+    own takes it: it kills the process at once if the fit of the stopped
+    task is running (as SIGTERM would, a fit in C code included), and drops
+    it otherwise (the fit has finished, and the client ignores its result;
+    or the process has moved on to the next task, whose fit must go on).
+    The lock keeps a fit from finishing while the thread decides.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.running = False
         self.pid: int | None = None
+        # The task whose fit runs, and where its stop mark would be.
+        self.task_id = ""
+        self.cache_dir: Path | None = None
 
     def install(self) -> None:
         if self.pid == os.getpid():
@@ -85,8 +89,19 @@ class FitGuard:
         while True:
             signal.sigwait({signum})
             with self.lock:
-                if self.running:
+                if self.running and self._meant_for_this_fit():
                     os.kill(os.getpid(), signal.SIGKILL)
+
+    def _meant_for_this_fit(self) -> bool:
+        """Whether the stop is for the task now fitting: its mark is there
+        (``clustersearch_revoke`` marks before it signals). A signal for a
+        task that has ended (Celery sends it when it sees the task start,
+        which may be after the task ended here and the next one began) is
+        dropped: it must not kill the next task's fit. Without a cache
+        folder (Celery's own revoke, no marks) every stop kills the fit."""
+        if self.cache_dir is None or not self.task_id:
+            return True
+        return (_marks(self.cache_dir) / self.task_id).exists()
 
     @contextmanager
     def fit(self, task_id: str = "", cache_dir: Path | None = None) -> Iterator[None]:
@@ -99,6 +114,7 @@ class FitGuard:
         """
         with self.lock:
             self.running = True
+            self.task_id, self.cache_dir = task_id, cache_dir
             if cache_dir is not None and task_id and (_marks(cache_dir) / task_id).exists():
                 self.running = False
                 raise StoppedBeforeFit(f"task {task_id} was stopped before its fit began")
@@ -107,6 +123,7 @@ class FitGuard:
         finally:
             with self.lock:
                 self.running = False
+                self.task_id, self.cache_dir = "", None
 
 
 fit_guard = FitGuard()
