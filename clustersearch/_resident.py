@@ -430,9 +430,6 @@ class ResidentForest:
         return state
 
 
-_KEEP = ("client", "nodes")
-
-
 class KeepOnNodesMixin:
     """``keep="nodes"`` for a scikit-learn forest subclass.
 
@@ -452,10 +449,6 @@ class KeepOnNodesMixin:
     replicas: int
     resident_: ResidentForest | None
     estimators_: list[Any]
-
-    def _check_keep(self) -> None:
-        if self.keep not in _KEEP:
-            raise ConfigurationError(f"keep must be one of {_KEEP}, got {self.keep!r}")
 
     def _fit_on_nodes(self, X: Any, y: Any, sample_weight: Any = None) -> Any:
         """Fit with the trees kept on the nodes; ``self``."""

@@ -75,6 +75,18 @@ def _map_npy(f: IO[bytes]) -> np.ndarray:
     return np.asarray(mapped)
 
 
+@contextlib.contextmanager
+def folder_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock (its ``.lock`` file, flock): one process of
+    the node at a time in the block (the cache's and the store's writers)."""
+    with open(directory / ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class NodeCache:
     """A node's blobs on disk, shared by its processes, least recently used out.
 
@@ -156,14 +168,8 @@ class NodeCache:
         with contextlib.suppress(OSError):
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.directory / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return folder_lock(self.directory)
 
     def ensure(self, refs, source, connect, node="?", signer=None):
         """Make sure every ``(digest, kind, nbytes)`` in ``refs`` is here; fetch the rest.

@@ -27,6 +27,11 @@ def _marks(cache_dir: Path) -> Path:
     return Path(cache_dir) / ".stopped"
 
 
+def _is_marked(cache_dir: Path, task_id: str) -> bool:
+    """Whether ``task_id`` was stopped (:func:`mark_stopped`)."""
+    return (_marks(cache_dir) / task_id).exists()
+
+
 def mark_stopped(cache_dir: Path, task_ids: Iterable[str]) -> None:
     """Record, before the stop signal is sent, that ``task_ids`` are stopped.
 
@@ -101,7 +106,7 @@ class FitGuard:
         folder (Celery's own revoke, no marks) every stop kills the fit."""
         if self.cache_dir is None or not self.task_id:
             return True
-        return (_marks(self.cache_dir) / self.task_id).exists()
+        return _is_marked(self.cache_dir, self.task_id)
 
     @contextmanager
     def fit(self, task_id: str = "", cache_dir: Path | None = None) -> Iterator[None]:
@@ -115,7 +120,7 @@ class FitGuard:
         with self.lock:
             self.running = True
             self.task_id, self.cache_dir = task_id, cache_dir
-            if cache_dir is not None and task_id and (_marks(cache_dir) / task_id).exists():
+            if cache_dir is not None and task_id and _is_marked(cache_dir, task_id):
                 self.running = False
                 raise StoppedBeforeFit(f"task {task_id} was stopped before its fit began")
         try:

@@ -21,7 +21,6 @@ a part dropped here could be the last copy of a part of someone's forest.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import pickle
@@ -34,6 +33,7 @@ from typing import Any
 from .._compat import build_forest_part, forest_part_sums
 from ..exceptions import ConfigurationError, PartLostError, StoreFullError
 from ..wire.protocol import STORE_OPS, StoreCall
+from .cache import folder_lock
 
 __all__ = ["PartStore", "fingerprint", "store_folder"]
 
@@ -97,16 +97,10 @@ class PartStore:
                 with contextlib.suppress(FileNotFoundError):
                     yield entry.name, entry.stat().st_size
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         # One process of the node at a time checks the bound and writes.
         self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return folder_lock(self.directory)
 
     def put(self, forest: str, part: int, obj: Any) -> int:
         """Keep ``obj`` as part ``part`` of ``forest``; its size in bytes.
