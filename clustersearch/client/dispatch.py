@@ -29,9 +29,10 @@ from .recovery import is_connection_error, is_worker_lost, reclaim
 from .work import Copy, Local, Work
 
 if TYPE_CHECKING:
+    from ..wire.signing import Signer
     from .session import Session
 
-__all__ = ["Dispatcher", "backend_is_async"]
+__all__ = ["Dispatcher", "backend_is_async", "verified_payload"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,22 @@ BROKER_RETRY_S = 0.5
 def backend_is_async(backend: Any) -> bool:
     """Whether ``backend`` pushes results (rpc://, Redis) rather than being polled."""
     return bool(getattr(backend, "is_async", False))
+
+
+def verified_payload(signer: Signer, task_id: str, envelope: Any) -> bytes:
+    """The payload of a node's result ``envelope`` for ``task_id``, its
+    signature checked (with a secret); MessageRejected saying why otherwise.
+    Every result is checked so before it is used: as it arrives
+    (:meth:`Dispatcher.check_result`), when opened, and when a journal
+    collects a dead client's stored result."""
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
+        raise MessageRejected(
+            f"not a clustersearch result ({type(envelope).__name__}): is the node "
+            "running the same version?"
+        )
+    signer.verify("result", task_id, envelope["payload"], envelope.get("auth"))
+    payload: bytes = envelope["payload"]
+    return payload
 
 
 class Dispatcher:
@@ -283,13 +300,8 @@ class Dispatcher:
         signer = self.session.signer
         value = result.result
         if result.state == states.SUCCESS:
-            if not isinstance(value, dict) or not isinstance(value.get("payload"), bytes):
-                return "rejected", (
-                    f"not a clustersearch result ({type(value).__name__}): is the "
-                    "node running the same version?"
-                )
             try:
-                signer.verify("result", result.id, value["payload"], value.get("auth"))
+                verified_payload(signer, result.id, value)
             except MessageRejected as exc:
                 return "rejected", str(exc)
             return "result", ""
@@ -360,21 +372,15 @@ class Dispatcher:
         envelope = work.result
         # Set with the result, by _on_ready.
         assert work.task_id is not None
-        if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
-            raise MessageRejected(
-                f"node {work.node!r} sent back something that is not a clustersearch "
-                f"result ({type(envelope).__name__}): is it running the same version?"
-            )
+        payload = envelope.get("payload") if isinstance(envelope, dict) else None
         # Verified as it arrived (check_result): these very bytes, not again
         # (a forest's result is tens of MB).
-        if envelope["payload"] is not work.verified:
+        if not isinstance(payload, bytes) or payload is not work.verified:
             try:
-                self.session.signer.verify(
-                    "result", work.task_id, envelope["payload"], envelope.get("auth")
-                )
+                payload = verified_payload(self.session.signer, work.task_id, envelope)
             except MessageRejected as exc:
                 raise MessageRejected(f"result of node {work.node!r} refused: {exc}") from None
-        return loads(envelope["payload"])
+        return loads(payload)
 
     # -- copies
 

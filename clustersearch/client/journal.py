@@ -54,9 +54,10 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from .._compat import batch_calls, batch_with_calls, is_rpc_backend
-from ..exceptions import JournalError, MessageRejected
+from ..exceptions import JournalError
 from ..wire.protocol import RemoteFailure
 from ..wire.serialization import dumps_with_blobs, loads
+from .dispatch import verified_payload
 from .work import Local, Part, Whole, Work
 
 if TYPE_CHECKING:
@@ -852,12 +853,9 @@ class SearchJournal:
             session.progress.advance(len(waiters))
 
     def _open(self, session: Session, task_id: str, envelope: Any, n: int) -> list[Any] | None:
-        if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
-            return None
         try:
-            session.signer.verify("result", task_id, envelope["payload"], envelope.get("auth"))
-            value = loads(envelope["payload"])
-        except (MessageRejected, Exception):
+            value = loads(verified_payload(session.signer, task_id, envelope))
+        except Exception:
             logger.warning("the stored result of batch %s was refused", task_id)
             return None
         output = value.get("output") if isinstance(value, dict) else None
