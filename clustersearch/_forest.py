@@ -34,6 +34,7 @@ from ._compat import Interval, StrOptions
 from ._resident import KeepOnNodesMixin
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
+from .client.session import processes_by_node
 from .wire.context import in_node_task
 
 if TYPE_CHECKING:
@@ -164,10 +165,9 @@ class _ClusterForestMixin(KeepOnNodesMixin, _ForestBase):
                     built[node] = built.get(node, 0) + stop - start
             # Trees each node built, its copies of parts included.
             self.fits_per_node_ = dict(sorted(built.items()))
-            pids = handle.last_run.get("pids", set())
-            self.fit_processes_ = {
-                n: sorted(p for m, p in pids if m == n) for n in self.fits_per_node_
-            }
+            self.fit_processes_ = processes_by_node(
+                handle.last_run.get("pids", set()), self.fits_per_node_
+            )
             self.result_bytes_per_node_ = {}
             return self
         self.__dict__.pop("resident_", None)
@@ -185,9 +185,7 @@ class _ClusterForestMixin(KeepOnNodesMixin, _ForestBase):
                 super().fit(X, y, sample_weight=sample_weight)
         session.reraise_warnings(stacklevel=2)
         self.fits_per_node_ = dict(sorted(session.fits_per_node.items()))
-        self.fit_processes_ = {
-            n: sorted(p for m, p in session.pids if m == n) for n in self.fits_per_node_
-        }
+        self.fit_processes_ = processes_by_node(session.pids, self.fits_per_node_)
         self.result_bytes_per_node_ = dict(sorted(session.stats.result_bytes_per_node.items()))
         return self
 

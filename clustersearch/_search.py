@@ -32,6 +32,7 @@ from ._compat import batch_calls, batch_with_calls, get_active_backend, search_c
 from .client.backend import ClusterBackend
 from .client.cluster import Cluster, resolve_cluster
 from .client.journal import open_journal
+from .client.session import processes_by_node
 from .exceptions import CallbackNotSupportedError, NotPicklableError
 from .wire.context import in_node_task
 from .wire.predictions import STACK_METHODS, Kept, PredictingCall
@@ -99,9 +100,6 @@ _TRAFFIC_DOC = """\
         ``count``, ``nodes``), also raised in the client when fit ends.
     fit_failures_ : list of dict
         The fits that raised (``node``, ``error``: scikit-learn's traceback text).
-    fits_from_journal_ : int
-        Fits answered from the journal (or collected from a dead client's
-        batches) instead of run; 0 without a journal.
 """
 
 _CLUSTER_DOC = """
@@ -136,6 +134,9 @@ _KEEP_DOC = """\
 """
 
 _ENSEMBLE_DOC = """\
+    fits_from_journal_ : int
+        Fits answered from the journal (or collected from a dead client's
+        batches) instead of run; 0 without a journal.
     oof_predictions_ : dict of int -> ndarray
         With ``keep_predictions=True``: for each candidate (its index in
         ``cv_results_``) whose test folds hold every sample once, its
@@ -272,6 +273,7 @@ class _ClusterSearchMixin(_SearchBase):
         from .client.timeline import write_chrome_trace
 
         write_chrome_trace(self.fit_timeline_, path)
+
     def __getstate__(self) -> dict[str, Any]:
         # The data ensemble() uses stays out of pickles (ensemble(X=, y=)).
         state = dict(super().__getstate__())
@@ -500,6 +502,8 @@ def _fitted_html(search: Any) -> str:
         f"<th>data sent (MB)</th><th>task messages (kB)</th></tr></thead><tbody>{rows}"
         "</tbody></table></div>"
     )
+
+
 class _Round:
     """One ``evaluate_candidates`` call: its candidates' indices in
     ``cv_results_`` (from ``offset``) and the (train, test) splits."""
@@ -600,9 +604,7 @@ def _record_session(estimator: Any, session: Session | None, prefix: str = "") -
         return
     fits = dict(sorted(session.fits_per_node.items()))
     setattr(estimator, prefix + "fits_per_node_", fits)
-    setattr(estimator, prefix + "fit_processes_", {
-        n: sorted(p for m, p in session.pids if m == n) for n in fits
-    })  # fmt: skip
+    setattr(estimator, prefix + "fit_processes_", processes_by_node(session.pids, fits))
     nodes = sorted(set(session.tasks_per_node) | set(session.data_bytes_per_node))
     setattr(estimator, prefix + "data_bytes_per_node_",
             {n: session.data_bytes_per_node[n] for n in nodes})  # fmt: skip

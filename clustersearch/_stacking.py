@@ -127,6 +127,9 @@ def fit_on_cluster(
 
         with parallel_config(backend=ClusterBackend(session, first_only=True, later=later)):
             fit()
+    # Raised in the caller's thread, as a local fit would (stacklevel: the
+    # user's call of fit() or ensemble()).
+    session.reraise_warnings(stacklevel=3)
     return session
 
 
@@ -178,7 +181,6 @@ class _ClusterStackingMixin:
         _raise_if_unpicklable("estimators", self.estimators)
         cluster = resolve_cluster(self.cluster)
         session = fit_on_cluster(lambda: fit(X, y, **fit_params), cluster, verbose=self.verbose)
-        session.reraise_warnings(stacklevel=2)
         _record_session(self, session)
         return self
 

@@ -88,3 +88,17 @@ def test_categories_travel_by_name():
     stats.add_warnings("n2", [("m", "W", "text", 1)])
     stats.add_warnings("n3", "not a list of warnings")
     assert stats.warnings == {("m", "W", "text"): [3, {"n1", "n2"}]}
+
+
+def test_an_ensembles_fits_bring_their_warnings_home(embedded_cluster):
+    # search.ensemble() refits the best candidates on the nodes: what those
+    # fits warn is raised in the client too, once, with its nodes.
+    search = ClusterGridSearchCV(
+        LogisticRegression(max_iter=1), {"C": [0.1, 1.0]}, cv=3, cluster=embedded_cluster
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        search.fit(X, y)
+    ours = _recorded(lambda: search.ensemble(k=2, method="vote"), ConvergenceWarning)
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert re.search(r"raised 2 times in fits on nodes? ", str(ours[0].message))

@@ -39,9 +39,15 @@ if TYPE_CHECKING:
     from .cluster import NodeInfo
     from .journal import SearchJournal
 
-__all__ = ["Session", "Stats", "Work"]
+__all__ = ["Session", "Stats", "Work", "processes_by_node"]
 
 logger = logging.getLogger(__name__)
+
+
+def processes_by_node(pids: Iterable[tuple[str, int]], nodes: Iterable[str]) -> dict[str, list[int]]:
+    """``{node: sorted pids}`` of the ``(node, pid)`` pairs, for ``nodes``
+    (an estimator's ``fit_processes_``)."""
+    return {n: sorted(p for m, p in pids if m == n) for n in nodes}
 
 
 @dataclass
@@ -75,6 +81,10 @@ class Stats:
     started: float = field(default_factory=time.time)
     # Adds to a time.monotonic() reading to give the wall clock.
     mono_to_wall: float = field(default_factory=lambda: time.time() - time.monotonic())
+    # Bytes of the pickled results of the batches that succeeded, per node;
+    # and the most bytes one call of a batch returned.
+    result_bytes_per_node: Counter[str] = field(default_factory=Counter)
+    result_bytes_per_call: float = 0.0
 
     def add_run(self, work: Work, value: dict[str, Any]) -> None:
         """Record where and when a counted result ran (for ``fit_timeline_``),
@@ -109,10 +119,6 @@ class Stats:
         except (TypeError, ValueError):
             logger.warning("node %r sent a malformed list of warnings; ignored", node)
 
-    # Bytes of the pickled results of the batches that succeeded, per node;
-    # and the most bytes one call of a batch returned.
-    result_bytes_per_node: Counter[str] = field(default_factory=Counter)
-    result_bytes_per_call: float = 0.0
 
     def count_result(self, node: str, nbytes: int, n_calls: int) -> None:
         self.result_bytes_per_node[node] += nbytes

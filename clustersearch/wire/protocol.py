@@ -72,7 +72,6 @@ class StoreCall:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-
 def queue_for(node: str) -> str:
     """The name of the queue that node ``node`` consumes."""
     return QUEUE_PREFIX + node
