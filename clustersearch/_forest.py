@@ -65,7 +65,8 @@ _CLUSTER_CONSTRAINT = {
 
 # The most bytes of trees one task sends back, once the first trees have
 # shown their size: a result is one broker message (RabbitMQ 4 refuses
-# messages over 16 MiB; results travel base64-encoded, 4/3 of this).
+# messages over 16 MiB; a result is its trees' pickle, zlib-compressed over
+# a network, and a few hundred bytes of frame).
 MAX_RESULT_BYTES = 8 * 1024 * 1024
 
 _CLUSTER_DOC = """

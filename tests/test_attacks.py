@@ -289,6 +289,76 @@ def test_forged_results_and_worker_lost_are_dropped(target, capsys, caplog):
     _still_serving(target, pids)
 
 
+class _CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_undecodable_results_are_dropped(target, tmp_path, capsys, caplog):
+    """A competing consumer steals tasks and answers each with a message that
+    is no result: garbage in clustersearch's result codec, a pickle that
+    would create a file if anything unpickled it, broken JSON, an empty
+    message, and a JSON record without a task id. Before
+    the codec's checks, an undecodable result stopped the client's
+    dispatcher (the search failed); now each is dropped, the stolen work is
+    sent again, and nothing is unpickled."""
+    import pickle
+
+    from clustersearch.wire.codec import CONTENT_TYPE
+
+    pids = _pids(target)
+    attacker = Attacker(target)
+    evil = tmp_path / "unpickled"
+    answers = [
+        (b"CSR1\xff\xff\xff\xff" + MARKER.encode(), CONTENT_TYPE, "binary"),
+        (pickle.dumps(_CreatesFileWhenUnpickled(evil)), "application/x-python-serialize",
+         "binary"),
+        (b"{" + MARKER.encode(), "application/json", "utf-8"),
+        (b"", CONTENT_TYPE, "binary"),
+        (b'{"status": "SUCCESS", "result": "%s"}' % MARKER.encode(), "application/json",
+         "utf-8"),
+    ]  # fmt: skip
+    forged: list[str] = []
+
+    def on_message(body, message):
+        body, content_type, encoding = answers[len(forged)]
+        message.ack()
+        task_id = message.headers["id"]
+        if target.backend_url.startswith("rpc"):  # to the client's reply queue
+            with attacker.app.connection_for_write() as conn:
+                conn.Producer().publish(
+                    body, routing_key=message.properties["reply_to"], exchange="", content_type=content_type,
+                    content_encoding=encoding, correlation_id=task_id, retry=True,
+                )  # fmt: skip
+        else:  # Redis: the result key and its channel
+            backend = attacker.app.backend
+            backend.set(backend.get_key_for_task(task_id), body)
+        forged.append(task_id)
+
+    attacker.spawn(attacker.consume, queue_for(target.node_names[0]), on_message,
+                   lambda: len(forged) == len(answers))  # fmt: skip
+    rejected = []
+    try:
+        # Searches until the attacker has used every answer (a search sends
+        # the node a handful of tasks).
+        for _ in range(6):
+            session = _run_search(target)
+            rejected += [e for e in session.events if e["event"] == "rejected-result"]
+            if len(forged) == len(answers):
+                break
+    finally:
+        attacker.close()
+    assert len(forged) == len(answers), "the attacker did not get a task for every answer"
+    assert not evil.exists(), "the client unpickled an attacker's message"
+    assert len(rejected) >= len(forged), rejected
+    assert any("undecodable" in e.get("why", "") for e in rejected), rejected
+    _nothing_shown(capsys, caplog)
+    _still_serving(target, pids)
+
+
 # -- (b) fake nodes ------------------------------------------------------------
 
 

@@ -230,7 +230,7 @@ def test_forest_as_a_search_estimator(embedded_cluster):
     assert_same_forest(best, theirs.best_estimator_, Xc)
 
 
-def test_large_results_come_back_compressed(embedded_cluster):
+def test_large_results_come_back_compressed_over_a_network(cluster):
     from clustersearch.wire.serialization import COMPRESS_OVER, dumps, loads
 
     big = {"trees": np.zeros(COMPRESS_OVER)}
@@ -240,7 +240,13 @@ def test_large_results_come_back_compressed(embedded_cluster):
     assert dumps(big)[:1] == b"\x80"  # only results ask for compression
     # Fully grown trees on noisy labels: tens of kB each.
     X, y = make_classification(n_samples=6000, n_features=10, flip_y=0.3, random_state=0)
-    forest = ClusterRandomForestClassifier(8, random_state=0, cluster=embedded_cluster).fit(X, y)
+    forest = ClusterRandomForestClassifier(8, random_state=0, cluster=cluster).fit(X, y)
     assert_same_forest(forest, RandomForestClassifier(8, random_state=0).fit(X, y), X)
     sent = sum(forest.result_bytes_per_node_.values())
-    assert 0 < sent < len(dumps(forest.estimators_)) / 2, sent
+    pickled = len(dumps(forest.estimators_))
+    if cluster.broker_url.startswith("filesystem"):
+        # The embedded transport's results are files on this machine:
+        # written and read as they are, not compressed.
+        assert pickled < sent < pickled * 1.1, (sent, pickled)
+    else:
+        assert 0 < sent < pickled / 2, (sent, pickled)

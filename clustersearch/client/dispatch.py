@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from celery import states
+from celery.backends.base import BaseKeyValueStoreBackend
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 from .._compat import set_result_from_meta
 from ..exceptions import ClusterSearchError, MessageRejected
 from ..wire.control import REVOKE_COMMAND, revoke_arguments
 from ..wire.protocol import TASK_NAME, RemoteFailure
-from ..wire.serialization import loads
+from ..wire.serialization import COMPRESS_OVER, loads
 from .failures import Failures
 from .recovery import is_connection_error, is_worker_lost, reclaim
 from .work import Copy, Local, Work
@@ -44,6 +46,11 @@ _TICK_S = 0.002
 # nothing has come back for a while; and its wait with nothing in flight.
 _MAX_WAIT_S = 0.05
 _IDLE_S = 0.1
+# What reading a result message that is not one raises: kombu's decoding
+# errors, and what Celery's result consumer raises on an empty message
+# (kombu hands it over undecoded; wire/codec.py refuses any other message
+# without a status, a task id and a result).
+UNDECODABLE = (DecodeError, ContentDisallowed, TypeError, KeyError)
 # While the broker is unreachable, sends are retried this often.
 BROKER_RETRY_S = 0.5
 
@@ -228,6 +235,11 @@ class Dispatcher:
                 backend.result_consumer.drain_events(timeout=wait)
             except TimeoutError:
                 pass
+            except UNDECODABLE as exc:
+                # Anyone who can publish to the broker can send garbage to our
+                # reply queue or result channels: dropped (its work is sent
+                # again as a straggler's if it was stolen).
+                self._undecodable(None, exc)
             except Exception as exc:
                 if not is_connection_error(exc):
                     raise
@@ -238,13 +250,32 @@ class Dispatcher:
             return
         # Backends without push (file://, databases): poll what is in flight.
         for task_id, copy in list(session.copies.items()):
-            meta = backend.get_task_meta(task_id)
+            try:
+                meta = backend.get_task_meta(task_id)
+            except UNDECODABLE as exc:
+                self._undecodable(task_id, exc)
+                continue
             if meta["status"] in states.READY_STATES:
                 set_result_from_meta(copy.result, meta)
                 self._on_ready(copy.result)
         if session.copies and not session.finished:
             session.wake.wait(wait)
             session.wake.clear()
+
+    def _undecodable(self, task_id: str | None, exc: BaseException) -> None:
+        """A result message that is not a result: dropped. With its task id
+        (a stored result), the work is sent again, as for a forged one."""
+        session = self.session
+        why = f"undecodable result ({type(exc).__name__}: {str(exc)[:100]})"
+        with session.lock:
+            copy = session.copies.pop(task_id, None) if task_id is not None else None
+            if copy is None:
+                session.stats.event("rejected-result", None, why=why)
+                logger.warning("dropped a result message: %s", why, exc_info=exc)
+                return
+            session.members.released(copy.node)
+            self.failures.rejected_result(copy.work, copy.node, why)
+        self.revoke([task_id])  # type: ignore[list-item]
 
     def _on_ready(self, result: Any) -> None:
         session = self.session
@@ -352,6 +383,7 @@ class Dispatcher:
                         stats.count_result(value["node"], len(work.result["payload"]), work.n_calls)
                         if session.journal is not None:
                             session.journal.finished(work, output)
+                        self._forget_stored(work)
                         stats.fits_per_node[value["node"]] += work.n_calls
                         stats.pids.add((value["node"], value["pid"]))
                         session.progress.advance(work.n_calls)
@@ -366,6 +398,21 @@ class Dispatcher:
                     work.callback(work.future)
                 except Exception:  # pragma: no cover - joblib's own bug
                     logger.exception("joblib callback failed")
+
+    def _forget_stored(self, work: Work) -> None:
+        """Delete a large result from a backend that stores results (file://
+        keeps a file per result until the cluster closes; Redis holds it for
+        ``result_expires``): a batch of trees is tens of MB. Once here (and
+        in the journal, if any) it is not needed again."""
+        backend = self.session.app.backend
+        if len(work.result["payload"]) <= COMPRESS_OVER or not isinstance(
+            backend, BaseKeyValueStoreBackend
+        ):
+            return
+        try:
+            backend.forget(work.task_id)
+        except Exception as exc:  # the result is in hand: nothing is lost
+            logger.debug("could not delete the stored result %s: %r", work.task_id, exc)
 
     def open_result(self, work: Work) -> dict[str, Any]:
         """Verify (with a secret) and unpickle what a node sent back."""

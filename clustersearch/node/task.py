@@ -17,6 +17,7 @@ from celery.worker.request import Request
 
 from .._compat import WorkerLostError
 from ..exceptions import MessageRejected
+from ..wire.config import compresses_results
 from ..wire.context import node_task
 from ..wire.protocol import RemoteFailure, StoreCall, node_name
 from ..wire.serialization import COMPRESS_OVER, dumps
@@ -207,7 +208,8 @@ def run_batch(
         "finished": time.time(),
     }
     try:
-        data = dumps(result, compress_over=COMPRESS_OVER)
+        compress = COMPRESS_OVER if compresses_results(task.app.conf) else None
+        data = dumps(result, compress_over=compress)
     except Exception as exc:
         result["output"] = RemoteFailure(exc, node)
         data = dumps(result)

@@ -3,8 +3,9 @@
 Batches and results are pickled with cloudpickle, which sends classes and
 functions defined in ``__main__`` or a notebook by value (plain pickle sends
 only their name, which the nodes cannot import). The pickles travel as bytes
-inside JSON messages: Celery never unpickles anything; clustersearch does,
-after verifying the signature when a secret is set (``_signing``).
+inside JSON (tasks) and binary (results, :mod:`.codec`) messages: Celery
+never unpickles anything; clustersearch does, after verifying the signature
+when a secret is set (``_signing``).
 """
 
 from __future__ import annotations
@@ -121,10 +122,10 @@ class _Pickler(cloudpickle.CloudPickler):
 
 
 # A pickle larger than this is compressed when the caller asks (a node's
-# result: a batch of fitted trees is 1 MB per Adult tree, and a result is
-# one message, base64-encoded in JSON). zlib level 1 shrank Adult trees 5x
-# at 135 MB/s and cost less than the JSON and base64 work it saves on both
-# sides (benchmarks/bench_forest.py).
+# result over a network: a batch of fitted trees is 1 MB per Adult tree, and
+# a result is one broker message). zlib level 1 shrinks Adult trees 5x at
+# about 100 MB/s (benchmarks/bench_forest.py); over the embedded transport's
+# files nodes do not ask (wire/config.py compresses_results).
 COMPRESS_OVER = 64 * 1024
 # Compressed pickles start with this byte; a pickle (protocol 2 or later)
 # starts with 0x80. The marker is inside the signed bytes.
