@@ -82,3 +82,16 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_search.py", *args)
     session.run("python", "benchmarks/pine64_model.py", "--markdown", "docs/benchmarks.md")
     session.run("python", "benchmarks/bench_forest.py", "--markdown", "docs/benchmarks.md")
+
+
+@nox.session
+def bench_full(session: nox.Session) -> None:
+    """The original job whole (long: an hour or more on 2 cores): the
+    3,360-candidate Adult grid and halving on it (bench_full_grid.py), then
+    the Pine64 model from that run's own fit times; writes docs/benchmarks.md."""
+    _install(session)
+    result = "benchmarks/results/full_grid.json"
+    session.run("python", "benchmarks/bench_full_grid.py", "--json", result,
+                "--markdown", "docs/benchmarks.md", *session.posargs)  # fmt: skip
+    session.run("python", "benchmarks/pine64_model.py", "--fit-times", result,
+                "--markdown", "docs/benchmarks.md")  # fmt: skip
