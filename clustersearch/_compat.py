@@ -321,7 +321,7 @@ def broadcast_until(
     from kombu import Consumer
     from kombu.utils.uuid import uuid
 
-    stop = time.monotonic() + timeout
+    stop = float("inf")
     ticket = uuid()
     with app.connection_or_acquire() as conn:
         mailbox = app.control.mailbox(conn)
@@ -342,6 +342,8 @@ def broadcast_until(
         with consumer:
             mailbox._publish(command, arguments, destination=destination, reply_ticket=ticket,
                              channel=channel, timeout=timeout)  # fmt: skip
+            # Counted from the request's departure, as Celery counts it.
+            stop = min(stop, time.monotonic() + timeout)
             while True:
                 left = stop - time.monotonic()
                 if left <= 0:

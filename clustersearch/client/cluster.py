@@ -51,8 +51,9 @@ __all__ = ["Cluster", "NodeInfo", "check_nodes", "redact", "resolve_cluster"]
 
 logger = logging.getLogger(__name__)
 
-# A heartbeat round ends once every node it expects answered, after as long
-# again (for nodes that join), and never sooner than this after the last.
+# A heartbeat round ends once every node it expects answered, after a
+# quarter as long again (for nodes that join), and at least this long after.
+_JOIN_WAIT = 0.25
 _MIN_JOIN_WAIT_S = 0.005
 
 
@@ -429,8 +430,8 @@ class Cluster:
             Seconds to wait for answers; None uses ``discovery_timeout``.
         expect : collection of str, default=None
             Names of the nodes expected to answer (a heartbeat): once each
-            has, the round ends after as long again (for nodes that join)
-            instead of waiting out ``timeout``.
+            has, the round ends after a quarter as long again (for nodes
+            that join) instead of waiting out ``timeout``.
         memory : bool, default=False
             Ask each node for its memory (``NodeInfo.memory_pss``), which
             takes it tens of milliseconds.
@@ -473,11 +474,13 @@ class Cluster:
                 return None
             if destination:
                 return time.monotonic()  # nobody else is asked
-            # Every expected node answered (a heartbeat): a node that joins
-            # answers about as fast, so wait as long again for it, not the
-            # whole timeout (Celery would, without a limit).
+            # Every expected node answered (a heartbeat): not the whole
+            # timeout (Celery would wait it out, without a limit); a quarter
+            # as long again for a node that joins, which answers about as
+            # fast, so in a random place among the others (the heartbeat
+            # waits out the timeout every few rounds, for a slower one).
             now = time.monotonic()
-            return now + max(now - start, _MIN_JOIN_WAIT_S)
+            return now + max((now - start) * _JOIN_WAIT, _MIN_JOIN_WAIT_S)
 
         ask = functools.partial(
             broadcast_until, self.app, INFO_COMMAND, arguments, timeout, on_reply, destination

@@ -59,8 +59,10 @@ class Watcher(threading.Thread):
 
     ``discover(timeout, expect)`` returns the nodes that answered within
     ``timeout`` (a :class:`~clustersearch.NodeInfo` list), ending the round
-    early once every node named by ``expect()`` (the live ones) has; an
-    exception (the broker is unreachable) is posted as ``error``.
+    early once every node named by ``expect()`` (the live ones) has, except
+    every ``DISCOVERY_EVERY``-th round (``expect`` None), which waits for
+    nodes that join; an exception (the broker is unreachable) is posted as
+    ``error``.
     ``record(t, seconds, answered)``, if given, is told each round's
     duration.
     """
@@ -82,12 +84,20 @@ class Watcher(threading.Thread):
         self.record = record
         self.stopped = threading.Event()
 
+    # Every this many rounds, one waits out the reply timeout: a node that
+    # joins but answers slower than every live node is found then.
+    DISCOVERY_EVERY = 4
+
     def run(self) -> None:
         delay = self.interval
+        rounds = 0
         while not self.stopped.wait(delay):
             start = time.monotonic()
+            rounds += 1
             try:
-                expect = self.expect() if self.expect is not None else None
+                expect = None
+                if self.expect is not None and rounds % self.DISCOVERY_EVERY:
+                    expect = self.expect()
                 nodes = self.discover(self.reply_timeout, expect)
             except Exception as exc:
                 self.post(start, None, exc)
