@@ -1,6 +1,7 @@
 """A node's memory: proportional set size (PSS) of all its processes.
 
-Starts one ``clustersearch worker --concurrency 4`` on RabbitMQ (loopback),
+Starts one ``clustersearch worker --concurrency 4`` on RabbitMQ (loopback, a
+virtual host of this run's own),
 measures the PSS of its main process and pool processes idle (after the
 pool came up) and after a small Adult search (RandomForest, 12 fits), with
 the memory-mapped data (the node's blob cache) counted apart. Each variant
@@ -16,6 +17,7 @@ default arenas), measured in the same run, alternating.
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -26,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import machine, write_markdown  # noqa: E402
 
-RABBITMQ = os.environ.get("BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672/{vhost}"  # a virtual host of this run's own
+SECRET = secrets.token_hex(32)
 CONCURRENCY = 4
 GRID = {"max_depth": [8, None], "max_features": [5, 15]}  # 4 x 3 folds = 12 fits
 VARIANTS = {
@@ -82,9 +85,13 @@ def node_memory(pid, data_dir):
     }
 
 
-def start_node(name, cache_dir, env_changes):
-    env = dict(os.environ, **env_changes)
-    cmd = [sys.executable, "-m", "clustersearch", "worker", "--broker", RABBITMQ,
+def rabbitmqctl(*args):
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def start_node(name, cache_dir, env_changes, broker):
+    env = dict(os.environ, CLUSTERSEARCH_SECRET=SECRET, **env_changes)
+    cmd = [sys.executable, "-m", "clustersearch", "worker", "--broker", broker,
            "--backend", "rpc://", "--name", name, "--concurrency", str(CONCURRENCY),
            "--cache-dir", str(cache_dir), "--loglevel", "WARNING", "--allow-root"]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,24 +105,24 @@ def wait_pool(proc, timeout=60):
         time.sleep(0.2)
 
 
-def measure(variant, X, y, round_):
+def measure(variant, X, y, round_, broker):
     from sklearn.ensemble import RandomForestClassifier
 
     from clustersearch import Cluster, ClusterGridSearchCV
 
     name = f"mem{os.getpid()}{variant}{round_}"
     with tempfile.TemporaryDirectory() as cache_dir:
-        proc = start_node(name, cache_dir, VARIANTS[variant])
+        proc = start_node(name, cache_dir, VARIANTS[variant], broker)
         try:
             wait_pool(proc)
-            with Cluster(RABBITMQ, "rpc://", progress=False) as cluster:
+            with Cluster(broker, "rpc://", progress=False, secret=SECRET) as cluster:
                 deadline = time.monotonic() + 60
                 while name not in {n.name for n in cluster.nodes(timeout=0.5)}:
                     if time.monotonic() > deadline:
                         raise RuntimeError("the node did not answer")
                 time.sleep(2)  # settle
                 idle = node_memory(proc.pid, cache_dir)
-                reported_idle = {n.name: n for n in cluster.nodes()}[name]
+                reported_idle = {n.name: n for n in cluster.nodes(memory=True)}[name]
                 search = ClusterGridSearchCV(
                     RandomForestClassifier(n_estimators=10, random_state=0), GRID, cv=3,
                     cluster=cluster, refit=False,
@@ -125,7 +132,7 @@ def measure(variant, X, y, round_):
                 fit_s = time.perf_counter() - start
                 time.sleep(2)  # the pool processes finish their after-task work
                 after = node_memory(proc.pid, cache_dir)
-                reported = {n.name: n for n in cluster.nodes()}[name]
+                reported = {n.name: n for n in cluster.nodes(memory=True)}[name]
         finally:
             proc.terminate()
             try:
@@ -145,6 +152,12 @@ def mb(nbytes):
     return nbytes / 2**20
 
 
+def report(r):
+    print(f"{r['variant']} {r['round']}: idle {mb(r['idle']['pss']):.0f} MiB, after "
+          f"{mb(r['after']['pss']):.0f} MiB (data {mb(r['after']['data']):.0f}), "
+          f"pool {[round(mb(p)) for p in r['after']['pool']]}", flush=True)  # fmt: skip
+
+
 def markdown(result):
     runs = result["runs"]
     lines = [
@@ -152,7 +165,7 @@ def markdown(result):
         f"{result['machine']['cpu']}, {result['machine']['cores']} cores, Python "
         f"{result['machine']['python']}; load average at start {result['load']}.",
         "",
-        f"One `clustersearch worker --concurrency {CONCURRENCY}` on RabbitMQ (loopback), all "
+        f"One `clustersearch worker --concurrency {CONCURRENCY}` on RabbitMQ (loopback, a virtual host of its own), all "
         "its processes, PSS in MiB (`/proc/<pid>/smaps`); *data* is the memory-mapped blob "
         "cache (Adult, shared by the processes), *own* is the rest. After: a "
         f"RandomForest(n_estimators=10) grid on Adult, {runs[0]['fits']} fits. "
@@ -160,7 +173,7 @@ def markdown(result):
         "per run, alternating.",
         "",
         "| variant | run | idle PSS | after PSS | after data | after own | own per pool "
-        "process | reported by `clustersearch nodes` |",
+        "process | own, as `clustersearch nodes` reports it |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -169,7 +182,8 @@ def markdown(result):
         lines.append(
             f"| {r['variant']} | {r['round']} | {mb(r['idle']['pss']):.0f} | {mb(a['pss']):.0f} "
             f"| {mb(a['data']):.0f} | {mb(own):.0f} | "
-            f"{', '.join(f'{mb(p):.0f}' for p in a['pool'])} | {mb(r['reported_pss']):.0f} |"
+            f"{', '.join(f'{mb(p):.0f}' for p in a['pool'])} | "
+            f"{mb(r['reported_pss'] - r['reported_data']):.0f} |"
         )
     s = result["summary"]
     lines += [
@@ -194,13 +208,16 @@ def main(argv=None):
     X, y = load_adult(return_X_y=True)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     runs = []
-    for round_ in range(1, args.rounds + 1):
-        for variant in VARIANTS:
-            runs.append(measure(variant, X, y, round_))
-            r = runs[-1]
-            print(f"{variant} {round_}: idle {mb(r['idle']['pss']):.0f} MiB, after "
-                  f"{mb(r['after']['pss']):.0f} MiB (data {mb(r['after']['data']):.0f}), "
-                  f"pool {[round(mb(p)) for p in r['after']['pool']]}", flush=True)  # fmt: skip
+    vhost = f"bench-memory-{os.getpid()}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        for round_ in range(1, args.rounds + 1):
+            for variant in VARIANTS:
+                runs.append(measure(variant, X, y, round_, RABBITMQ.format(vhost=vhost)))
+                report(runs[-1])
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
 
     def med(variant, key):
         return statistics.median(

@@ -233,8 +233,13 @@ def _run_worker(args: argparse.Namespace) -> None:
         "--concurrency", str(concurrency),
         "--loglevel", args.loglevel,
         "--pool", "prefork",
-        # Nodes do not talk to each other: the client schedules.
-        "--without-gossip", "--without-mingle",
+        # Nodes do not talk to each other: the client schedules. Without
+        # these, every node syncs with all others at start (mingle) and
+        # publishes an event every 2 s that no one reads (gossip, worker
+        # heartbeats: an extra broker connection each); with many nodes that
+        # chatter floods the broker (Celery issues 4618, 5079). The client's
+        # heartbeat is its own broadcast (client/recovery.py).
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
     ])  # fmt: skip
     exit_now(0)
 
