@@ -65,6 +65,7 @@ def measure(n, vhost, X, y, rounds):
             search.fit(X, y)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             fits = sum(search.fits_per_node_.values())
+            tasks = len(search.fit_timeline_["tasks"])
             beats = [r["round_s"] for r in search.fit_timeline_["heartbeats"]]
             # Idle heartbeat rounds, as the session's heartbeat thread runs them.
             idle = []
@@ -86,6 +87,7 @@ def measure(n, vhost, X, y, rounds):
     return {
         "nodes": n, "startup_s": startup, "fits": fits, "client_cpu_s": cpu, "wall_s": wall,
         "cpu_per_fit_ms": cpu / fits * 1e3, "wall_per_fit_ms": wall / fits * 1e3,
+        "tasks": tasks, "cpu_per_task_ms": cpu / tasks * 1e3,
         "beat_during_search_ms": [b * 1e3 for b in beats],
         "beat_idle_ms": [b * 1e3 for b in idle],
         "beat_idle_median_ms": statistics.median(idle) * 1e3,
@@ -109,19 +111,31 @@ def markdown(result):
         f"Celery's `broadcast(reply=True, timeout={REPLY_TIMEOUT})` without `limit`, median of 3. "
         f"Ratios against N={base['nodes']}.",
         "",
-        "| nodes | client CPU ms/fit | x | wall ms/fit | heartbeat ms (idle) | x | "
-        "heartbeat ms (in search, median) | before ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| nodes | client CPU ms/fit | x | tasks | client CPU ms/task | x | wall ms/fit | "
+        "heartbeat ms (idle) | x | heartbeat ms (in search, median) | before ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         during = statistics.median(r["beat_during_search_ms"]) if r["beat_during_search_ms"] else 0
         lines.append(
             f"| {r['nodes']} | {r['cpu_per_fit_ms']:.2f} | "
-            f"{r['cpu_per_fit_ms'] / base['cpu_per_fit_ms']:.2f} | {r['wall_per_fit_ms']:.1f} | "
+            f"{r['cpu_per_fit_ms'] / base['cpu_per_fit_ms']:.2f} | {r['tasks']} | "
+            f"{r['cpu_per_task_ms']:.2f} | {r['cpu_per_task_ms'] / base['cpu_per_task_ms']:.2f} | "
+            f"{r['wall_per_fit_ms']:.1f} | "
             f"{r['beat_idle_median_ms']:.1f} | "
             f"{r['beat_idle_median_ms'] / base['beat_idle_median_ms']:.2f} | {during:.0f} | "
             f"{r['beat_before_median_ms']:.0f} |"
         )
+    last = result["runs"][-1]
+    lines += [
+        "",
+        f"Client CPU per fit at N={last['nodes']}: "
+        f"{last['cpu_per_fit_ms'] / base['cpu_per_fit_ms']:.2f}x N={base['nodes']}'s; per task "
+        f"(a batch of fits, one message each way): "
+        f"{last['cpu_per_task_ms'] / base['cpu_per_task_ms']:.2f}x. Heartbeat round at "
+        f"N={last['nodes']}: {last['beat_idle_median_ms']:.0f} ms idle, against "
+        f"{last['beat_before_median_ms']:.0f} ms before.",
+    ]
     return "\n".join(lines)
 
 
