@@ -21,6 +21,7 @@ __all__ = [
     "StrOptions",
     "WorkerLostError",
     "batch_calls",
+    "broadcast_until",
     "batch_with_calls",
     "build_forest_part",
     "search_cv",
@@ -293,6 +294,64 @@ def is_rpc_backend(backend: Any) -> bool:
     from celery.backends.rpc import RPCBackend
 
     return isinstance(backend, RPCBackend)
+
+
+def broadcast_until(
+    app: Any,
+    command: str,
+    arguments: dict[str, Any],
+    timeout: float,
+    on_reply: Any,
+    destination: list[str] | None = None,
+) -> None:
+    """Broadcast a remote-control ``command`` and hand each reply to
+    ``on_reply(body)``, until ``timeout`` seconds have passed or the time
+    (``time.monotonic()``) that ``on_reply`` last returned.
+
+    Celery's ``broadcast(reply=True)`` waits ``timeout`` after the last reply
+    unless told how many to expect (``limit``), and then takes the first
+    ``limit`` whatever they are; a reply that comes later (or one of an
+    earlier broadcast) is kept in the mailbox's ``unclaimed`` forever. Here
+    the caller decides when it has heard enough (every node it expects), and
+    replies of other broadcasts are dropped. Uses kombu's ``Mailbox``
+    internals (``_publish``, ``reply_queue``), as Celery does.
+    """
+    import time
+
+    from kombu import Consumer
+    from kombu.utils.uuid import uuid
+
+    stop = float("inf")
+    ticket = uuid()
+    with app.connection_or_acquire() as conn:
+        mailbox = app.control.mailbox(conn)
+        channel = conn.default_channel
+
+        def received(body: Any, message: Any) -> None:
+            nonlocal stop
+            headers = message.headers or {}
+            expires = headers.get("expires")
+            if headers.get("ticket") != ticket or (expires and time.time() > expires):
+                return  # another broadcast's reply, or a stale one: dropped
+            until = on_reply(body)
+            if until is not None:
+                stop = min(stop, until)
+
+        consumer = Consumer(channel, [mailbox.reply_queue], accept=mailbox.accept, no_ack=True)
+        consumer.register_callback(received)
+        with consumer:
+            mailbox._publish(command, arguments, destination=destination, reply_ticket=ticket,
+                             channel=channel, timeout=timeout)  # fmt: skip
+            # Counted from the request's departure, as Celery counts it.
+            stop = min(stop, time.monotonic() + timeout)
+            while True:
+                left = stop - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    conn.drain_events(timeout=left)
+                except TimeoutError:  # socket.timeout
+                    return
 
 
 def set_result_from_meta(result: Any, meta: dict[str, Any]) -> None:

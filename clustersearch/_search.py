@@ -93,8 +93,10 @@ _TRAFFIC_DOC = """\
         ``start``, ``end``, ``received`` in seconds since ``fit`` began, on
         the client's clock, nodes' clocks corrected by ``"clock_offsets"``;
         ``backup`` and the earlier ``tries``), and ``"events"``: nodes lost,
-        joined, stragglers, retries (``time``, ``event``, ``node``, ...).
-        :meth:`export_chrome_trace` writes it for Perfetto.
+        joined, stragglers, retries (``time``, ``event``, ``node``, ...);
+        ``"heartbeats"``: each heartbeat round (``time``, ``round_s`` its
+        duration, ``answered`` nodes). :meth:`export_chrome_trace` writes it
+        for Perfetto.
     fit_warnings_ : list of dict
         The warnings the fits raised on the nodes (``category``, ``message``,
         ``count``, ``nodes``), also raised in the client when fit ends.
@@ -598,7 +600,7 @@ def _record_session(estimator: Any, session: Session | None, prefix: str = "") -
                      "message_bytes_per_node_"):  # fmt: skip
             setattr(estimator, prefix + name, {})
         setattr(estimator, prefix + "fit_timeline_",
-                {"tasks": [], "events": [], "clock_offsets": {}})  # fmt: skip
+                {"tasks": [], "events": [], "clock_offsets": {}, "heartbeats": []})  # fmt: skip
         setattr(estimator, prefix + "fit_warnings_", [])
         setattr(estimator, prefix + "fit_failures_", [])
         return

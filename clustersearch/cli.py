@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--store-size", default=os.environ.get("CLUSTERSEARCH_STORE_BYTES"),
                         help="bound of the node's store of forest parts kept on the "
                         "nodes (keep='nodes'); a part beyond it is refused (default 2GiB)")
+    worker.add_argument("--preload", default=os.environ.get("CLUSTERSEARCH_PRELOAD"),
+                        help="modules to import before the worker processes start, "
+                        "comma-separated (e.g. sklearn.svm,xgboost), so that they share "
+                        "them instead of each importing its own copy; scikit-learn's "
+                        "search, metrics and ensembles always are "
+                        "(default: $CLUSTERSEARCH_PRELOAD)")
     worker.add_argument("--allow-root", action="store_true",
                         help="run as root although tasks carry pickles (see README)")
     # For LocalCluster (see _lifeline): stop when this pipe's write end, held
@@ -197,6 +203,8 @@ def _run_worker(args: argparse.Namespace) -> None:
     # again in each fit).
     for var in _THREAD_VARS:
         os.environ.setdefault(var, str(threads))
+    if args.preload:
+        os.environ["CLUSTERSEARCH_PRELOAD"] = args.preload  # node/memory.py
     try:
         defaults = NodeSettings.from_environ()
         max_payload = parse_size(args.max_payload) if args.max_payload else defaults.max_payload
@@ -225,8 +233,13 @@ def _run_worker(args: argparse.Namespace) -> None:
         "--concurrency", str(concurrency),
         "--loglevel", args.loglevel,
         "--pool", "prefork",
-        # Nodes do not talk to each other: the client schedules.
-        "--without-gossip", "--without-mingle",
+        # Nodes do not talk to each other: the client schedules. Without
+        # these, every node syncs with all others at start (mingle) and
+        # publishes an event every 2 s that no one reads (gossip, worker
+        # heartbeats: an extra broker connection each); with many nodes that
+        # chatter floods the broker (Celery issues 4618, 5079). The client's
+        # heartbeat is its own broadcast (client/recovery.py).
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
     ])  # fmt: skip
     exit_now(0)
 
@@ -235,17 +248,21 @@ def _run_nodes(args: argparse.Namespace) -> int:
     from .client.cluster import Cluster
 
     with Cluster(args.broker, args.backend, discovery_timeout=args.timeout) as cluster:
-        nodes = cluster.nodes()
+        nodes = cluster.nodes(memory=True)
     if not nodes:
         print(f"no node answered within {args.timeout} s", file=sys.stderr)
         return 1
+    # MEMORY: what the node's processes hold together (PSS), its cached data
+    # (memory-mapped, shared by them) apart.
     rows = [("NODE", "QUEUE", "CONCURRENCY", "HOST", "PYTHON", "SKLEARN", "NUMPY", "CLUSTERSEARCH",
-             "STORE")]  # fmt: skip
+             "STORE", "MEMORY")]  # fmt: skip
     for n in nodes:
         v = n.versions
+        memory = (f"{_size(n.memory_pss - n.memory_data)} + {_size(n.memory_data)} data"
+                  if n.memory_pss else "?")  # fmt: skip
         rows.append((n.name, n.queue, str(n.concurrency), n.host, v.get("python", "?"),
                      v.get("scikit-learn", "?"), v.get("numpy", "?"), v.get("clustersearch", "?"),
-                     f"{n.store_bytes}/{n.store_limit}"))  # fmt: skip
+                     f"{n.store_bytes}/{n.store_limit}", memory))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -6,7 +6,11 @@ node it chose. Start one with ``clustersearch worker --broker URL`` or, with
 Celery's own command line::
 
     CLUSTERSEARCH_BROKER_URL=amqp://user:pass@broker// \\
-        celery -A clustersearch.worker worker -Q clustersearch.pine1 -n pine1@%h -c 4
+        celery -A clustersearch.worker worker -Q clustersearch.pine1 -n pine1@%h -c 4 \\
+            --without-gossip --without-mingle --without-heartbeat
+
+(the last three as ``clustersearch worker`` passes them: nodes need not
+talk to each other, and with many nodes that chatter floods the broker).
 
 It imports the node (:mod:`clustersearch.node`) and the wire, never the
 client. The app is built from the environment (``CLUSTERSEARCH_BROKER_URL``,

@@ -15,13 +15,15 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from kombu import Connection
 
+from .._compat import broadcast_until
 from .._optional import check_url, missing_dependency
 from ..exceptions import (
     BrokerUnreachableError,
@@ -31,7 +33,7 @@ from ..exceptions import (
     VersionMismatchError,
 )
 from ..wire.config import create_app, default_backend
-from ..wire.protocol import INFO_COMMAND, local_versions, queue_for
+from ..wire.protocol import INFO_COMMAND, local_versions, node_name, queue_for
 from ..wire.signing import Signer, load_secret
 from .backend import ClusterBackend
 from .policy import Policy
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
 __all__ = ["Cluster", "NodeInfo", "check_nodes", "redact", "resolve_cluster"]
 
 logger = logging.getLogger(__name__)
+
+# A heartbeat round ends once every node it expects answered, after a
+# quarter as long again (for nodes that join), and at least this long after.
+_JOIN_WAIT = 0.25
+_MIN_JOIN_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,14 @@ class NodeInfo:
     cache_limit : int
         The cache's bound (``clustersearch worker --cache-size``; 0: not
         reported).
+    memory_pss : int
+        Bytes of memory the node's processes hold together (their
+        proportional set size: a page shared by n processes counts 1/n to
+        each); 0 unless asked (``Cluster.nodes(memory=True)``) or not on
+        Linux.
+    memory_data : int
+        The part of ``memory_pss`` that maps the node's cached data (shared
+        by its processes, and given back to the kernel under pressure).
     """
 
     name: str
@@ -120,6 +135,8 @@ class NodeInfo:
     mean_fit_s: float = field(default=0.0, compare=False)
     cache_bytes: int = field(default=0, compare=False)
     cache_limit: int = field(default=0, compare=False)
+    memory_pss: int = field(default=0, compare=False)
+    memory_data: int = field(default=0, compare=False)
 
     @classmethod
     def from_reply(cls, info: Any) -> NodeInfo:
@@ -167,7 +184,8 @@ class NodeInfo:
 
 
 # Counters a node reports for `clustersearch top`: non-negative integers.
-_COUNTS = ("running", "queued", "fits_done", "cache_bytes", "cache_limit")
+_COUNTS = ("running", "queued", "fits_done", "cache_bytes", "cache_limit", "memory_pss",
+           "memory_data")
 
 
 def nodes_html(nodes: Sequence[NodeInfo]) -> str:
@@ -397,13 +415,26 @@ class Cluster:
                     f"{exc}. Check that Redis runs and that this machine can reach it"
                 ) from exc
 
-    def nodes(self, timeout: float | None = None) -> list[NodeInfo]:
+    def nodes(
+        self,
+        timeout: float | None = None,
+        *,
+        expect: Collection[str] | None = None,
+        memory: bool = False,
+    ) -> list[NodeInfo]:
         """The live nodes, sorted by name.
 
         Parameters
         ----------
         timeout : float, default=None
             Seconds to wait for answers; None uses ``discovery_timeout``.
+        expect : collection of str, default=None
+            Names of the nodes expected to answer (a heartbeat): once each
+            has, the round ends after a quarter as long again (for nodes
+            that join) instead of waiting out ``timeout``.
+        memory : bool, default=False
+            Ask each node for its memory (``NodeInfo.memory_pss``), which
+            takes it tens of milliseconds.
 
         Returns
         -------
@@ -413,68 +444,81 @@ class Cluster:
             self.check_connection()
             self._checked = True
         timeout = self.policy.discovery_timeout if timeout is None else timeout
-        scope = self._broadcast_scope()
-        found, refused, ignored = self._ask(timeout, scope)
-        if ignored and len(found) < scope.get("limit", 0):
-            # Bad or forged replies may have taken the places of real ones
-            # among the first ``limit``: ask again, and wait out the timeout.
-            # Those already proven stay (a busy node may answer late twice).
-            scope = {k: v for k, v in scope.items() if k != "limit"}
-            more, also_refused, ignored = self._ask(timeout, scope)
-            found, refused = {**found, **more}, {**refused, **also_refused}
+        found, refused = self._ask(timeout, expect, memory)
         self._refused = [refused[name] for name in sorted(set(refused) - set(found))]
         return [found[name] for name in sorted(found)]
 
-    def _ask(self, timeout: float, scope: dict) -> tuple[dict, dict, int]:
-        """One info broadcast: the valid nodes, those that failed the
-        challenge, and how many replies were ignored."""
+    def _ask(
+        self, timeout: float, expect: Collection[str] | None, memory: bool
+    ) -> tuple[dict[str, NodeInfo], dict[str, NodeInfo]]:
+        """One info broadcast: the valid nodes, and those that failed the
+        challenge."""
         # The challenge: a node with a secret answers with an HMAC over this
         # fresh nonce and its whole reply (node/control.py, sign_info).
         nonce = secrets.token_hex(16)
+        arguments: dict[str, Any] = {"nonce": nonce}
+        if memory:
+            arguments["memory"] = True
+        destination = self._destination()
+        expected = {node_name(h) for h in destination} if destination else set(expect or ())
+        found: dict[str, NodeInfo] = {}
+        refused: dict[str, NodeInfo] = {}
+        start = time.monotonic()
+
+        def on_reply(reply: Any) -> float | None:
+            for info in reply.values() if isinstance(reply, dict) else (reply,):
+                node = self._admitted(info, nonce, refused)
+                if node is not None:
+                    found[node.name] = node
+            if not expected or not expected <= found.keys():
+                return None
+            if destination:
+                return time.monotonic()  # nobody else is asked
+            # Every expected node answered (a heartbeat): not the whole
+            # timeout (Celery would wait it out, without a limit); a quarter
+            # as long again for a node that joins, which answers about as
+            # fast, so in a random place among the others (the heartbeat
+            # waits out the timeout every few rounds, for a slower one).
+            now = time.monotonic()
+            return now + max((now - start) * _JOIN_WAIT, _MIN_JOIN_WAIT_S)
+
         ask = functools.partial(
-            self.app.control.broadcast,
-            INFO_COMMAND,
-            arguments={"nonce": nonce},
-            reply=True,
-            timeout=timeout,
-            **scope,
+            broadcast_until, self.app, INFO_COMMAND, arguments, timeout, on_reply, destination
         )
         try:
-            replies = ask()
+            ask()
         except Exception as exc:
             if not is_connection_error(exc):
                 raise
             # A pooled connection that died with the broker (a restart since
             # the last search) fails once; the pool reconnects on next use.
-            replies = ask()
-        found, refused, ignored = {}, {}, 0
-        for reply in replies or ():
-            for info in reply.values() if isinstance(reply, dict) else (reply,):
-                try:
-                    node = NodeInfo.from_reply(info)
-                except ValueError as exc:
-                    ignored += 1
-                    logger.warning("ignored an info reply that is not a valid node's: %s", exc)
-                    continue
-                if self._signer.enabled and not (
-                    node.signed and self._signer.check_proof(nonce, info)
-                ):
-                    # No secret, another one, or a reply replayed or forged
-                    # by someone who can publish to the broker.
-                    ignored += 1
-                    logger.warning(
-                        "ignored node %r: its reply does not prove this client's secret "
-                        "(%s)", node.name,
-                        "another secret, or a forged or replayed reply" if node.signed
-                        else "it says it has no secret",
-                    )  # fmt: skip
-                    refused[node.name] = node
-                    continue
-                found[node.name] = node
-        return found, refused, ignored
+            ask()
+        return found, refused
 
-    def _broadcast_scope(self) -> dict[str, Any]:
-        return {}
+    def _admitted(self, info: Any, nonce: str, refused: dict[str, NodeInfo]) -> NodeInfo | None:
+        """The node an info reply describes, if it is valid and proves this
+        client's secret (those that do not are added to ``refused``)."""
+        try:
+            node = NodeInfo.from_reply(info)
+        except ValueError as exc:
+            logger.warning("ignored an info reply that is not a valid node's: %s", exc)
+            return None
+        if self._signer.enabled and not (node.signed and self._signer.check_proof(nonce, info)):
+            # No secret, another one, or a reply replayed or forged by
+            # someone who can publish to the broker.
+            logger.warning(
+                "ignored node %r: its reply does not prove this client's secret "
+                "(%s)", node.name,
+                "another secret, or a forged or replayed reply" if node.signed
+                else "it says it has no secret",
+            )  # fmt: skip
+            refused[node.name] = node
+            return None
+        return node
+
+    def _destination(self) -> list[str] | None:
+        """The Celery hostnames asked (None: every node on the broker)."""
+        return None
 
     def require_nodes(self) -> list[NodeInfo]:
         """The live nodes; NoWorkersError naming the broker when there is none."""
@@ -516,7 +560,7 @@ class Cluster:
             policy=self.policy,
             progress=Progress(progress_enabled(self.progress)),
             broker=redact(self.broker_url),
-            discover=lambda timeout: self.nodes(timeout=timeout),
+            discover=lambda timeout, expect: self.nodes(timeout=timeout, expect=expect),
             signer=self._signer,
             # A node that joins mid-search passes the same checks first.
             admit=lambda node: check_nodes(

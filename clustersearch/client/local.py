@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -138,19 +139,22 @@ class LocalCluster(Cluster):
     def __repr__(self) -> str:
         return f"LocalCluster(n_workers={self.n_workers}, broker={redact(self.broker_url)!r})"
 
-    def nodes(self, timeout: float | None = None) -> list[NodeInfo]:
+    def nodes(
+        self,
+        timeout: float | None = None,
+        *,
+        expect: Collection[str] | None = None,
+        memory: bool = False,
+    ) -> list[NodeInfo]:
         if not self._finalizer.alive:
             # Closed: its nodes are stopped, and asking would build its
             # removed folder again (a search still running asks).
             return []
-        return super().nodes(timeout)
+        return super().nodes(timeout, expect=expect, memory=memory)
 
-    def _broadcast_scope(self) -> dict[str, Any]:
+    def _destination(self) -> list[str] | None:
         host = socket.gethostname()
-        return {
-            "destination": [f"{name}@{host}" for name in self.node_names],
-            "limit": len(self.node_names),
-        }
+        return [f"{name}@{host}" for name in self.node_names]
 
     def _start(self) -> None:
         logs = Path(self.directory, "logs")

@@ -23,7 +23,7 @@ import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from kombu import Queue
@@ -57,33 +57,53 @@ logger = logging.getLogger(__name__)
 class Watcher(threading.Thread):
     """Heartbeat and discovery: ``post(t, nodes, error)`` every ``interval``.
 
-    ``discover(timeout)`` returns the nodes that answered within ``timeout``
-    (a :class:`~clustersearch.NodeInfo` list); an exception (the broker is
-    unreachable) is posted as ``error``.
+    ``discover(timeout, expect)`` returns the nodes that answered within
+    ``timeout`` (a :class:`~clustersearch.NodeInfo` list), ending the round
+    early once every node named by ``expect()`` (the live ones) has, except
+    every ``DISCOVERY_EVERY``-th round (``expect`` None), which waits for
+    nodes that join; an exception (the broker is unreachable) is posted as
+    ``error``.
+    ``record(t, seconds, answered)``, if given, is told each round's
+    duration.
     """
 
     def __init__(
         self,
-        discover: Callable[[float], list[NodeInfo]],
+        discover: Callable[[float, Collection[str] | None], list[NodeInfo]],
         policy: Policy,
         post: Callable[[float, list[NodeInfo] | None, BaseException | None], None],
+        expect: Callable[[], Collection[str]] | None = None,
+        record: Callable[[float, float, int], None] | None = None,
     ) -> None:
         super().__init__(name="clustersearch-heartbeat", daemon=True)
         self.discover = discover
         self.interval = policy.heartbeat_interval
         self.reply_timeout = policy.reply_timeout
         self.post = post
+        self.expect = expect
+        self.record = record
         self.stopped = threading.Event()
+
+    # Every this many rounds, one waits out the reply timeout: a node that
+    # joins but answers slower than every live node is found then.
+    DISCOVERY_EVERY = 4
 
     def run(self) -> None:
         delay = self.interval
+        rounds = 0
         while not self.stopped.wait(delay):
             start = time.monotonic()
+            rounds += 1
             try:
-                nodes = self.discover(self.reply_timeout)
+                expect = None
+                if self.expect is not None and rounds % self.DISCOVERY_EVERY:
+                    expect = self.expect()
+                nodes = self.discover(self.reply_timeout, expect)
             except Exception as exc:
                 self.post(start, None, exc)
             else:
+                if self.record is not None:
+                    self.record(start, time.monotonic() - start, len(nodes))
                 self.post(start, nodes, None)
             delay = max(0.0, self.interval - (time.monotonic() - start))
 

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,6 +85,8 @@ class Stats:
     # and the most bytes one call of a batch returned.
     result_bytes_per_node: Counter[str] = field(default_factory=Counter)
     result_bytes_per_call: float = 0.0
+    # (monotonic start, seconds, nodes that answered) per heartbeat round.
+    heartbeats: list[tuple[float, float, int]] = field(default_factory=list)
 
     def add_run(self, work: Work, value: dict[str, Any]) -> None:
         """Record where and when a counted result ran (for ``fit_timeline_``),
@@ -107,7 +109,17 @@ class Stats:
 
     def timeline(self) -> dict[str, Any]:
         """The search's ``fit_timeline_`` (see :func:`.timeline.build_timeline`)."""
-        return build_timeline(self.runs, self.events, self.started, self.mono_to_wall)
+        timeline = build_timeline(self.runs, self.events, self.started, self.mono_to_wall)
+        timeline["heartbeats"] = [
+            {"time": t + self.mono_to_wall - self.started, "round_s": s, "answered": n}
+            for t, s, n in self.heartbeats
+        ]
+        return timeline
+
+    def heartbeat(self, t: float, seconds: float, answered: int) -> None:
+        """A heartbeat round began at ``t`` (monotonic), took ``seconds``,
+        and ``answered`` nodes answered (called by the heartbeat thread)."""
+        self.heartbeats.append((t, seconds, answered))
 
     def add_warnings(self, node: str, raised: Any) -> None:
         """Count the ``(module, name, message, count)`` a node's result lists."""
@@ -144,8 +156,10 @@ class Session:
     signer : Signer or None
         Signs work and verifies results (see ``wire.signing``).
     discover : callable, default=None
-        ``discover(timeout)`` returns the nodes that answer (heartbeat and
-        discovery of joining nodes); None turns failure detection off.
+        ``discover(timeout, expect)`` returns the nodes that answer
+        (heartbeat and discovery of joining nodes), done early once those
+        named in ``expect`` (the live ones) have; None turns failure
+        detection off.
     admit : callable, default=None
         ``admit(node)`` raises if a node that joins mid-search must not get
         work (the pre-flight checks: secret, versions).
@@ -163,7 +177,7 @@ class Session:
         progress: Progress | None = None,
         broker: str = "",
         signer: Signer | None = None,
-        discover: Callable[[float], list[NodeInfo]] | None = None,
+        discover: Callable[[float, Collection[str] | None], list[NodeInfo]] | None = None,
         admit: Callable[[NodeInfo], None] | None = None,
         drop: object = None,
     ) -> None:
@@ -200,9 +214,16 @@ class Session:
         )
         self.dispatcher.start()
         if self.discover is not None:
-            self._watcher = Watcher(self.discover, self.policy, self.dispatcher.post_beat)
+            self._watcher = Watcher(
+                self.discover, self.policy, self.dispatcher.post_beat,
+                expect=self._live_names, record=self.stats.heartbeat,
+            )  # fmt: skip
             self._watcher.start()
         return self
+
+    def _live_names(self) -> list[str]:
+        with self.lock:
+            return list(self.members.window)
 
     def close(self) -> None:
         """Stop the threads; revoke whatever is still outstanding."""

@@ -12,6 +12,7 @@ from .._compat import worker_task_counts
 from ..wire.protocol import INFO_COMMAND, QUEUE_PREFIX, local_versions, node_name
 from ..wire.signing import Signer
 from .cache import NodeCache
+from .memory import node_memory
 from .pool import pool_watch
 from .settings import CONF_KEY
 from .stats import FitCounter
@@ -52,8 +53,10 @@ def sign_info(info: dict[str, Any], signer: Signer, nonce: Any) -> dict[str, Any
 _counters_cleared: set[str] = set()
 
 
-@inspect_command(name=INFO_COMMAND, args=[("nonce", str)], signature="[nonce]")
-def _clustersearch_info(state: Any, nonce: Any = None) -> dict[str, Any]:
+@inspect_command(
+    name=INFO_COMMAND, args=[("nonce", str), ("memory", bool)], signature="[nonce] [memory]"
+)
+def _clustersearch_info(state: Any, nonce: Any = None, memory: Any = False) -> dict[str, Any]:
     consumer = state.consumer
     settings = state.app.conf[CONF_KEY]
     queues = [q.name for q in consumer.task_consumer.queues] if consumer.task_consumer else []
@@ -78,5 +81,9 @@ def _clustersearch_info(state: Any, nonce: Any = None) -> dict[str, Any]:
     info["fits_done"], info["mean_fit_s"] = counter.read()
     info["cache_bytes"] = NodeCache(settings.cache_dir, settings.cache_bytes).nbytes()
     info["cache_limit"] = settings.cache_bytes
+    if memory is True:
+        # Only when asked (`clustersearch nodes`): reading every process's
+        # smaps takes tens of milliseconds, too long for each heartbeat.
+        info["memory_pss"], info["memory_data"] = node_memory(settings.cache_dir)
     # Signed last: the proof covers every field above.
     return sign_info(info, signer, nonce)

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from .._compat import prefork_pool_classes, worker_pool_state
+from .memory import before_fork, tune_malloc
 
 __all__ = ["POOL_CHECK_S", "PoolWatch", "TaskPool", "pool_watch"]
 
@@ -37,6 +38,13 @@ class TaskPool(_PreforkTaskPool):  # type: ignore[misc,valid-type]
     dead processes; nodes use it through the ``worker_pool`` setting."""
 
     Pool = _AsynPool
+
+    def on_start(self) -> None:
+        # The pool processes fork here: what they share with the main
+        # process should stay shared (node/memory.py).
+        tune_malloc()
+        before_fork()
+        super().on_start()
 
 
 class PoolWatch:

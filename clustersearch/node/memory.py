@@ -1,0 +1,154 @@
+"""A node's own memory: kept small, and measured.
+
+A node with ``--concurrency 4`` on a 2 GB board held a quarter of the RAM
+before its first fit (benchmarks/bench_node_memory.py, docs/benchmarks.md).
+Where it went, and what is done about it here:
+
+- The pool processes are forked after the main process imported
+  scikit-learn, numpy and scipy, so those pages start shared. Python's
+  cyclic garbage collector then wrote to every tracked object's header in
+  each child (its first full collection), copying most of that memory into
+  each child. :func:`before_fork` moves every object alive at that point to
+  the collector's permanent generation (``gc.freeze``): it is never scanned,
+  and its pages stay shared.
+- Modules the fits need (``_fit_and_score``, the scorers, the forests and
+  trees) were imported by each child on its first task, four private
+  copies: imported once, in the main process, before the fork
+  (:data:`PRELOAD`, and the modules ``CLUSTERSEARCH_PRELOAD`` or
+  ``clustersearch worker --preload`` name).
+- glibc's malloc kept what a fit freed (arenas per thread, a heap top it
+  trims lazily, a mmap threshold that grows after each large free): after
+  each task the child collects its garbage and hands free memory back
+  (:func:`after_task`), with one arena per process pair and a fixed mmap
+  threshold (:func:`tune_malloc`).
+
+``CLUSTERSEARCH_LEAN_MEMORY=0`` turns all of it off (for the benchmark's
+baseline). :func:`node_memory` is what ``clustersearch nodes`` reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRELOAD", "after_task", "before_fork", "lean", "node_memory", "tune_malloc"]
+
+logger = logging.getLogger(__name__)
+
+# Imported before the pool forks: what unpickling and scoring any search's
+# fit needs (scikit-learn's _fit_and_score and its scorers), and the forests
+# (with the trees): 7 MB in the main process, against about 6 MB in each
+# pool process that fits one (benchmarks/bench_node_memory.py).
+PRELOAD = ("sklearn.model_selection._validation", "sklearn.metrics", "sklearn.ensemble")
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Blocks from this size up are mapped on their own and unmapped when freed
+# (glibc's initial threshold; left alone, it grows up to 32 MiB after the
+# first large free, and fitted arrays then stay in the heap).
+_MMAP_THRESHOLD = 256 * 1024
+
+
+def lean() -> bool:
+    """Whether the memory measures are on (``CLUSTERSEARCH_LEAN_MEMORY``, default on)."""
+    return os.environ.get("CLUSTERSEARCH_LEAN_MEMORY", "1").lower() not in ("0", "false", "no")
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+            return None  # not glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def tune_malloc() -> None:
+    """Few arenas and a fixed mmap threshold, in the node's main process
+    (its pool processes inherit them)."""
+    if _LIBC is None or not lean():
+        return
+    _LIBC.mallopt(_M_ARENA_MAX, 2)
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 4 * _MMAP_THRESHOLD)
+
+
+def before_fork() -> None:
+    """Called in the main process just before the pool forks its processes."""
+    if not lean():
+        return
+    extra = os.environ.get("CLUSTERSEARCH_PRELOAD", "")
+    for module in [*PRELOAD, *filter(None, (m.strip() for m in extra.split(",")))]:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            logger.warning("could not preload %s: %s", module, exc)
+    gc.collect()
+    gc.freeze()
+
+
+def after_task(**_: Any) -> None:
+    """In a pool process after each task: free what the fit left behind."""
+    if not lean():
+        return
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                kids = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+                for kid in map(int, kids):
+                    found += [kid, *_children(kid)]
+    return found
+
+
+def node_memory(data_dir: str | os.PathLike[str], pid: int | None = None) -> tuple[int, int]:
+    """``(pss, data)``: the proportional set size, in bytes, of process
+    ``pid`` (this one) and all its descendants, and the part of it that maps
+    files under ``data_dir`` (the node's data cache, shared by its
+    processes). ``(0, 0)`` where ``/proc`` has no ``smaps`` (not Linux)."""
+    pid = os.getpid() if pid is None else pid
+    prefix = str(Path(data_dir)) + os.sep
+    pss = data = 0
+    for proc in [pid, *_children(pid)]:
+        in_data = False
+        try:
+            with open(f"/proc/{proc}/smaps", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Pss:"):
+                        kb = int(line.split()[1]) * 1024
+                        pss += kb
+                        if in_data:
+                            data += kb
+                    elif line[0] in _HEX:
+                        # A mapping's first line: "start-end perms offset dev inode [path]".
+                        fields = line.split(None, 5)
+                        path = fields[5].strip().decode(errors="replace") if len(fields) > 5 else ""
+                        in_data = path.startswith(prefix)
+        except OSError:
+            continue
+    return pss, data
