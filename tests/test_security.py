@@ -81,7 +81,7 @@ def guarded(request):
 
 
 def _node(cluster):
-    (node,) = cluster.nodes()
+    (node,) = cluster.require_nodes()  # asks again when the node answers late
     return node
 
 

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 # quarter as long again (for nodes that join), and at least this long after.
 _JOIN_WAIT = 0.25
 _MIN_JOIN_WAIT_S = 0.005
+# When no node answers discovery, it is asked again for this many times
+# discovery_timeout before NoWorkersError.
+_RETRY_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -523,6 +526,13 @@ class Cluster:
     def require_nodes(self) -> list[NodeInfo]:
         """The live nodes; NoWorkersError naming the broker when there is none."""
         nodes = self.nodes()
+        if not nodes and not self._refused:
+            # Nobody answered in time: a loaded machine, or boards busy with
+            # another client's fits, can answer late. Asked once more, for
+            # longer, before giving up (only this path pays for it).
+            logger.info("no node answered within %s s; asking again for %s s",
+                        self.policy.discovery_timeout, _RETRY_FACTOR * self.policy.discovery_timeout)  # fmt: skip
+            nodes = self.nodes(timeout=_RETRY_FACTOR * self.policy.discovery_timeout)
         idle = [node.name for node in nodes if not node.consuming]
         if idle:
             logger.warning("nodes %s answer but do not consume their queues (a remote "
@@ -539,7 +549,8 @@ class Cluster:
         if not nodes:
             raise NoWorkersError(
                 f"no clustersearch node answered on {redact(self.broker_url)!r} "
-                f"within {self.policy.discovery_timeout} s. Start one on each machine "
+                f"within {self.policy.discovery_timeout} s, nor when asked again for "
+                f"{_RETRY_FACTOR * self.policy.discovery_timeout} s. Start one on each machine "
                 f"with 'clustersearch worker --broker {redact(self.broker_url)}', "
                 "or raise discovery_timeout for a slow network"
             )
