@@ -108,6 +108,9 @@ class Dispatcher:
         session = self.session
         backend = session.app.backend
         wait = _TICK_S
+        # A file:// backend rings when a node stores a result: look at once.
+        listen = getattr(backend, "listen", None)
+        stop_listening = listen(session.wake.set) if listen is not None else None
         try:
             with session.app.producer_or_acquire() as producer:
                 while not self._closing:
@@ -134,6 +137,8 @@ class Dispatcher:
             logger.exception("clustersearch dispatcher stopped")
             self.fail_everything(ClusterSearchError(f"the dispatcher stopped: {exc!r}"))
         finally:
+            if stop_listening is not None:
+                stop_listening()
             self.failures.sweep_lost_queues()
             # Celery's backend is per thread, and this thread ends here. An
             # rpc:// consumer left open would share the app's reply queue with
