@@ -472,6 +472,7 @@ class _ClusterSearchMixin(_SearchBase):
             if isinstance(backend, ClusterBackend):
                 n_fits = len(candidate_params) * self.n_splits_
                 backend.session.progress.expect(n_fits)
+                backend.expect_calls(n_fits, self.pre_dispatch)
                 if backend.session.journal is not None:
                     backend.session.journal.expect(n_fits, expected)
             # The splits these fits use, recorded as scikit-learn makes them.

@@ -26,6 +26,12 @@ ThreadingBackend = _jb.ThreadingBackend
 
 __all__ = ["ClusterBackend"]
 
+# scikit-learn's (and joblib's) default pre_dispatch of a search's Parallel.
+_DEFAULT_PRE_DISPATCH = "2*n_jobs"
+# With longest_first, a search's fits go in batches such that each process
+# gets about this many (see ClusterBackend.expect_calls).
+_BATCHES_PER_PROCESS = 32
+
 
 class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc,valid-type]
     """Runs joblib batches on the nodes of a session.
@@ -99,6 +105,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         self.max_result_bytes = max_result_bytes
         self.later = later
         self._claimed: Any = None  # the Parallel this backend accepted
+        self._fixed_batch: int | None = None  # see expect_calls
 
     def configure(
         self,
@@ -123,7 +130,32 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         # At least 2: joblib runs n_jobs == 1 in the client without asking us.
         return max(2, self.session.capacity)
 
+    def expect_calls(self, n_calls: int, pre_dispatch: Any) -> None:
+        """The claimed ``Parallel``'s next call sends ``n_calls`` calls (a
+        search's fits). With ``longest_first``, and ``pre_dispatch`` left at
+        joblib's default, the call hands every batch over at once, so that
+        the session can send the longest first (client/schedule.py), in
+        batches of at most ``n_calls / (32 x capacity)`` calls: joblib's
+        auto-batching learns from batches that finished, which a call that
+        dispatches everything at once has none of, and near-instant fits
+        still need batches (a 10,080-fit grid). 32 batches a process keep
+        the end of the search even."""
+        parallel = self.parallel if self._claimed is not None else None
+        if (
+            self.session.scheduler is None
+            or parallel is None
+            or pre_dispatch != _DEFAULT_PRE_DISPATCH
+            or getattr(parallel, "batch_size", "auto") != "auto"
+        ):
+            self._fixed_batch = None
+            return
+        parallel.pre_dispatch = "all"
+        per_slot = _BATCHES_PER_PROCESS * max(1, self.session.capacity)
+        self._fixed_batch = max(1, n_calls // per_slot)
+
     def compute_batch_size(self) -> int:
+        if self._fixed_batch is not None:
+            return self._fixed_batch
         size = int(super().compute_batch_size())
         per_call = self.session.stats.result_bytes_per_call
         if self.max_result_bytes is not None and per_call > 0:

@@ -28,7 +28,7 @@ from ..wire.protocol import TASK_NAME, RemoteFailure
 from ..wire.serialization import COMPRESS_OVER, loads
 from .failures import Failures
 from .recovery import is_connection_error, is_worker_lost, reclaim
-from .work import Copy, Local, Work
+from .work import Copy, Local, Part, Work
 
 if TYPE_CHECKING:
     from ..wire.signing import Signer
@@ -53,6 +53,16 @@ _IDLE_S = 0.1
 UNDECODABLE = (DecodeError, ContentDisallowed, TypeError, KeyError)
 # While the broker is unreachable, sends are retried this often.
 BROKER_RETRY_S = 0.5
+
+
+def _ranked(work: Work) -> list[dict[str, float]] | None:
+    """The costs the scheduler ranks ``work`` by: None for work that keeps
+    its place in front (pinned, retried, a backup copy, a retried call)."""
+    if work.only is not None or work.tries is not None or work.backed_up:
+        return None
+    if isinstance(work.callback, Part):
+        return None
+    return work.costs
 
 
 def backend_is_async(backend: Any) -> bool:
@@ -199,6 +209,8 @@ class Dispatcher:
                 session.finished.append(work)
                 continue
             with session.lock:
+                if session.scheduler is not None:
+                    session.scheduler.dispatched(work.costs)
                 session.members.took(node)
                 session.copies[result.id] = Copy(work, node, time.monotonic(), result)
                 session.stats.task_bytes_per_node[node] += len(work.payload)
@@ -212,11 +224,21 @@ class Dispatcher:
         Unpinned work goes to the node with the most room; when none has
         room, nothing is placed. Pinned work waits for its own node's room
         without holding up the work behind it, and fails with NodeLostError
-        when its node is not live.
+        when its node is not live. With a scheduler (``longest_first``),
+        the search's fits go longest expected first, each to the node where
+        it is expected to end first (see :meth:`_where`).
         """
         session = self.session
         members = session.members
-        for work in list(session.pending):
+        scheduler = session.scheduler
+        waiting = list(session.pending)
+        if scheduler is not None and any(_ranked(w) is not None for w in waiting):
+            waiting = scheduler.order(waiting, _ranked)
+        else:
+            scheduler = None
+        ready: dict[str, float] | None = None
+        horizon = 0.0
+        for work in waiting:
             if work.only is not None:
                 if work.only not in members.window:
                     session.pending.remove(work)
@@ -225,12 +247,55 @@ class Dispatcher:
                 node = members.pick(only=work.only)
                 if node is None:
                     continue
+            elif scheduler is not None and _ranked(work) is not None and scheduler.model.ready:
+                if ready is None:
+                    ready, horizon = self._readiness(waiting)
+                node = self._where(work, ready, horizon)
+                if node is None:
+                    continue  # held back: a shorter one may fit
             else:
                 node = members.pick(work.avoid)
                 if node is None:
                     return None
             session.pending.remove(work)
             return work, node
+        return None
+
+    def _readiness(self, waiting: list[Work]) -> tuple[dict[str, float], float]:
+        """When each live node next has a process free, and when the search
+        is expected to end (see client/schedule.py)."""
+        session = self.session
+        members = session.members
+        scheduler = session.scheduler
+        assert scheduler is not None
+        now = time.monotonic()
+        held: dict[str, list[tuple[float, float | None]]] = {n: [] for n in members.window}
+        in_flight = []
+        for copy in sorted(session.copies.values(), key=lambda c: c.sent_at):
+            if copy.node not in held:
+                continue
+            costs = copy.work.costs
+            expected = scheduler.expected(costs, copy.node) if costs is not None else None
+            held[copy.node].append((copy.sent_at, expected))
+            in_flight.append((copy.node, copy.sent_at, expected))
+        concurrency = {n: members.nodes[n].concurrency for n in members.window}
+        ready = {n: scheduler.ready_at(held[n], concurrency[n], now) for n in held}
+        left = [w.costs for w in waiting if w.costs is not None]
+        return ready, scheduler.horizon(left, in_flight, concurrency, now)
+
+    def _where(self, work: Work, ready: dict[str, float], horizon: float) -> str | None:
+        """The node with room, soonest ready, that should take ``work``
+        (expected to end there no later than elsewhere, or before the
+        search's expected end); None: it waits."""
+        session = self.session
+        members = session.members
+        scheduler = session.scheduler
+        assert scheduler is not None and work.costs is not None
+        room = [n for n in members.window if members.window[n] - members.busy[n] > 0]
+        room.sort(key=lambda n: (ready[n], -(members.window[n] - members.busy[n])))
+        for node in room:
+            if scheduler.fits_on(work.costs, node, ready, horizon):
+                return node
         return None
 
     def _collect(self, backend: Any, wait: float) -> None:
@@ -385,6 +450,8 @@ class Dispatcher:
                     else:
                         stats.add_warnings(value["node"], value.get("warnings"))
                         stats.add_run(work, value)
+                        if session.scheduler is not None:
+                            session.scheduler.learn(work.costs, value["node"], output)
                         stats.count_result(value["node"], len(work.result["payload"]), work.n_calls)
                         if session.journal is not None:
                             session.journal.finished(work, output)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._compat import is_rpc_backend, result_consumer_connection
@@ -209,7 +210,22 @@ class Failures:
         session = self.session
         if session.pending:
             return
+        late: float | Callable[[Work, str], float] | None
         late = straggler_threshold(self.durations, session.policy)
+        factor = session.policy.straggler_factor
+        scheduler = session.scheduler
+        if factor is not None and scheduler is not None and scheduler.model.ready:
+            # Fits of a search vary (max_depth=None against max_depth=2):
+            # each batch is late after factor x its own expected time.
+            median = late
+
+            def late_after(work: Work, node: str) -> float:
+                expected = scheduler.expected(work.costs, node) if work.costs else None
+                if expected is None:
+                    return median if median is not None else float("inf")
+                return max(session.policy.STRAGGLER_MIN_S, factor * expected)
+
+            late = late_after
         if late is None:
             return
         with session.lock:

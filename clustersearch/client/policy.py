@@ -60,6 +60,19 @@ class Policy:
     reconnect_grace : float, default=10.0
         After the broker comes back, nodes get this long (seconds) to
         reconnect before their silence counts as missed heartbeats.
+    longest_first : bool, default=True
+        Send a search's fits expected to take longest first, so that a long
+        fit does not start last and hold the whole search. Their cost is
+        learned as fits finish (from their parameters, training-set size and
+        node); fits with parameter values not tried yet go first. A node
+        takes a batch only if it would not end later there than on a node
+        that frees up soon (a slow node does not take a long fit at the
+        end), and a batch counts as a straggler after ``straggler_factor``
+        times its own expected time. The search's joblib ``Parallel`` then
+        hands every batch over at once (when ``pre_dispatch`` is left at its
+        default), at most ``n_fits / (32 x the nodes' concurrency)`` fits a
+        batch. ``cv_results_`` is the same in any order. False: fits go in
+        the search's order, batched by joblib (docs/architecture.md).
     """
 
     discovery_timeout: float = 1.0
@@ -71,6 +84,7 @@ class Policy:
     no_node_timeout: float = 30.0
     straggler_factor: float | None = 3.0
     reconnect_grace: float = 10.0
+    longest_first: bool = True
 
     # A node whose pool starts nothing while a task waits and a process is
     # free (it still answers heartbeats) loses its work after as long as a
@@ -85,6 +99,10 @@ class Policy:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "straggler_factor" and value is None:
+                continue
+            if f.name == "longest_first":
+                if not isinstance(value, bool):
+                    raise ConfigurationError(f"Policy: longest_first must be a bool, got {value!r}")
                 continue
             integral = f.name in ("queued_per_node", "missed_heartbeats", "max_retries")
             ok = isinstance(value, int) if integral else isinstance(value, Real)

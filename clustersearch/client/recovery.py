@@ -173,20 +173,23 @@ def straggler_threshold(durations: Sequence[float], policy: Policy) -> float | N
 def backups(
     in_flight: Iterable[tuple[Any, str, float]],
     idle: dict[str, int],
-    late: float,
+    late: float | Callable[[Any, str], float],
     now: float,
     skip: Callable[[Any], bool],
 ) -> list[tuple[Any, str, str, float]]:
     """Which late batches get a backup copy, and where.
 
     ``in_flight`` holds ``(work, node, sent_at)``, oldest first; ``idle``
-    maps nodes to their free processes (consumed here); ``skip(work)`` is
-    true for work that already has a backup or waits to be sent. Returns
-    ``(work, node, target, waited_s)`` for each backup.
+    maps nodes to their free processes (consumed here); ``late`` is after
+    how long a batch is late, or ``late(work, node)`` that of each batch;
+    ``skip(work)`` is true for work that already has a backup or waits to
+    be sent. Returns ``(work, node, target, waited_s)`` for each backup.
     """
     chosen = []
     for work, node, sent_at in in_flight:
-        if now - sent_at < late:
+        if now - sent_at < (late(work, node) if callable(late) else late):
+            if callable(late):
+                continue
             break
         if skip(work):
             continue

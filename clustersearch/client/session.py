@@ -30,6 +30,7 @@ from .membership import Membership
 from .policy import Policy
 from .progress import Progress
 from .recovery import Watcher
+from .schedule import Scheduler, batch_features
 from .timeline import build_timeline
 from .work import Copy, Part, Work
 
@@ -200,6 +201,8 @@ class Session:
         # Large arrays go to each node once, on request (see client.blobs).
         self.blobs = BlobTable()
         self.blob_server: BlobServer | None = None
+        # Longest expected fits first (client/schedule.py); None: in order.
+        self.scheduler = Scheduler() if self.policy.longest_first else None
         self.dispatcher = Dispatcher(self)
         self._watcher: Watcher | None = None
         # Set by a search with journal= before its first batch.
@@ -274,6 +277,8 @@ class Session:
             payload, refs = dumps_with_blobs(func, self.blobs, self.drop)
             work = Work(payload, callback, n_calls, refs=refs, batch=func, only=only)
             work.journal = keyed
+            if self.scheduler is not None:
+                work.costs = batch_features(func)
         except Exception as exc:
             error = NotPicklableError(f"cannot send a batch of work to the nodes: {exc}")
             error.__cause__ = exc

@@ -16,7 +16,7 @@ class Work:
     __slots__ = (
         "payload", "refs", "callback", "future", "n_calls", "node", "result", "error",
         "task_id", "batch", "tries", "avoid", "backed_up", "rejected", "sent_at", "only",
-        "verified", "journal",
+        "verified", "journal", "costs", "guess",
     )  # fmt: skip
 
     def __init__(
@@ -52,6 +52,11 @@ class Work:
         self.only = only
         # Its calls' journal keys and seeded flags (client/journal.py), or None.
         self.journal: tuple[list[str], list[bool]] | None = None
+        # Its calls' features for the cost model (client/schedule.py), or
+        # None (not a search's fits, or longest_first off); the last
+        # expected time, as (model version, seconds).
+        self.costs: list[dict[str, float]] | None = None
+        self.guess: tuple[int, float | None] | None = None
 
 
 @dataclass(eq=False)

@@ -1,0 +1,341 @@
+"""Longest expected fits first: which waiting batch goes next, and where.
+
+A search's makespan is at least its longest fit and at least its total fit
+time over the slots; a long fit that starts last holds the whole search.
+:class:`CostModel` learns, online, how long a fit takes from the fits that
+finished: a ridge regression of log(seconds) on the fit's parameters
+(one-hot per (name, value) and per pair of them, log of numeric values), the
+size of its training set and the node it ran on (the node's speed).
+:class:`Scheduler` ranks the waiting batches by expected time, longest first,
+after the batches holding parameter values never tried yet (they are
+learned early: ``max_depth=None`` may be the longest of all); and before a
+node takes a batch it checks that the batch would not end later there than
+on another node that frees up soon (a slow node must not take a long fit at
+the end). Plain objects, no threads and no I/O: the dispatcher calls them
+with the session's lock held.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._compat import batch_calls
+
+__all__ = ["CostModel", "Scheduler", "call_features"]
+
+# Feature vectors are sparse: {name: value}.
+Features = dict[str, float]
+
+# Ridge penalty on every coefficient but the intercept (log-seconds scale).
+_RIDGE = 0.3
+# The most observations kept: the oldest are dropped (a search's fits
+# rarely change cost over time; this bounds the refit's cost).
+_MAX_OBSERVATIONS = 4000
+
+
+def _value_key(value: Any) -> str:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    text = repr(value)
+    return f"{type(value).__name__}:{text[:80]}"
+
+
+def call_features(kwargs: Mapping[str, Any]) -> Features | None:
+    """The features of one ``_fit_and_score`` call (its keyword arguments),
+    or None when it is not one (no ``parameters``)."""
+    params = kwargs.get("parameters")
+    if not isinstance(params, Mapping):
+        return None
+    feats: Features = {}
+    items = sorted((str(k), _value_key(v), v) for k, v in params.items())
+    for name, key, value in items:
+        feats[f"{name}={key}"] = 1.0
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            feats[f"{name}#log"] = math.log1p(abs(float(value)))
+    for i, (a, ka, _) in enumerate(items):
+        for b, kb, _ in items[i + 1 :]:
+            feats[f"{a}={ka}&{b}={kb}"] = 1.0
+    train = kwargs.get("train")
+    if train is not None and hasattr(train, "__len__"):
+        feats["n_train#log"] = math.log1p(len(train))
+    return feats
+
+
+def batch_features(batch: Any) -> list[Features] | None:
+    """The features of each call of a joblib batch, or None if any call is
+    not a search's fit."""
+    items = batch_calls(batch)
+    if not items:
+        return None
+    out = []
+    for item in items:
+        try:
+            _, _, kwargs = item
+        except (TypeError, ValueError):
+            return None
+        feats = call_features(kwargs) if isinstance(kwargs, Mapping) else None
+        if feats is None:
+            return None
+        out.append(feats)
+    return out
+
+
+def output_seconds(output: Any) -> list[float] | None:
+    """Each call's fit and score time, from a batch's output list."""
+    if not isinstance(output, list):
+        return None
+    out = []
+    for item in output:
+        item = getattr(item, "result", item)  # a Kept (keep_predictions)
+        if not isinstance(item, Mapping):
+            return None
+        try:
+            seconds = float(item["fit_time"]) + float(item.get("score_time", 0.0))
+        except (KeyError, TypeError, ValueError):
+            return None
+        out.append(seconds)
+    return out
+
+
+class CostModel:
+    """Seconds a fit takes, from the fits that finished (see the module)."""
+
+    def __init__(self, ridge: float = _RIDGE) -> None:
+        self.ridge = ridge
+        self.index: dict[str, int] = {}
+        self.rows: list[tuple[Features, float]] = []
+        self.seen: set[str] = set()  # one-hot features with a finished fit
+        self._coef: np.ndarray | None = None
+        self._dirty = False
+        self.observed = 0
+        self._fitted_rows = 0
+        self._fitted_at = 0.0
+        self.version = 0  # changes with each refit (cached predictions expire)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.rows)
+
+    def observe(self, feats: Features, node: str, seconds: float) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        row = {**feats, f"node={node}": 1.0}
+        for name in row:
+            if name not in self.index:
+                self.index[name] = len(self.index)
+            if "#" not in name:
+                self.seen.add(name)
+        self.rows.append((row, math.log(seconds)))
+        self.observed += 1
+        if len(self.rows) > _MAX_OBSERVATIONS:
+            del self.rows[0]
+        self._dirty = True
+
+    def _fit(self) -> np.ndarray:
+        if self._coef is not None and not self._dirty:
+            return self._coef
+        if self._coef is not None and not self._refit_due():
+            return self._coef
+        d = len(self.index) + 1  # the last one: the intercept
+        X = np.zeros((len(self.rows), d))
+        y = np.empty(len(self.rows))
+        for i, (row, target) in enumerate(self.rows):
+            for name, value in row.items():
+                X[i, self.index[name]] = value
+            X[i, -1] = 1.0
+            y[i] = target
+        penalty = np.full(d, self.ridge)
+        penalty[-1] = 1e-9
+        A = X.T @ X + np.diag(penalty)
+        self._coef = np.linalg.solve(A, X.T @ y)
+        self._dirty = False
+        self._fitted_rows = self.observed
+        self._fitted_at = time.monotonic()
+        self.version += 1
+        return self._coef
+
+    def _refit_due(self) -> bool:
+        # Refit after each of the first fits, then after every tenth more
+        # (or once a second): a refit costs O(rows x features^2), and the
+        # dispatcher ranks every waiting batch after each refit.
+        new = self.observed - self._fitted_rows
+        return new >= max(1, self.observed // 10) or time.monotonic() - self._fitted_at > 1.0
+
+    def refresh(self) -> None:
+        """Refit now if due (changes ``version``)."""
+        if self.rows:
+            self._fit()
+
+    def log_seconds(self, feats: Features, node: str | None = None) -> float | None:
+        """Expected log-seconds of a call with ``feats`` on ``node`` (None:
+        a node of average speed); None before any fit finished."""
+        if not self.rows:
+            return None
+        coef = self._fit()
+        total = float(coef[-1])
+        for name, value in feats.items():
+            j = self.index.get(name)
+            if j is not None:
+                total += coef[j] * value
+        if node is not None:
+            j = self.index.get(f"node={node}")
+            if j is not None:
+                total += coef[j]
+        return total
+
+    def speed(self, node: str) -> float:
+        """How many times longer than an average node ``node`` takes (1.0
+        when unknown)."""
+        if not self.rows:
+            return 1.0
+        j = self.index.get(f"node={node}")
+        return 1.0 if j is None else float(math.exp(self._fit()[j]))
+
+    def seconds(self, calls: Sequence[Features], node: str | None = None) -> float | None:
+        """Expected seconds of a batch of calls on an average node (times
+        :meth:`speed` for a given one)."""
+        if not self.rows:
+            return None
+        total = 0.0
+        for feats in calls:
+            log = self.log_seconds(feats)
+            assert log is not None
+            total += math.exp(min(log, 50.0))
+        return total * (self.speed(node) if node is not None else 1.0)
+
+
+class Scheduler:
+    """Ranks waiting batches (longest expected first) and checks where they
+    go (see the module). ``costs`` of a batch: its calls' features, or None
+    for work the scheduler does not rank (it keeps its place in front)."""
+
+    def __init__(self) -> None:
+        self.model = CostModel()
+        self.tried: set[str] = set()  # one-hot features dispatched at least once
+        self.decisions = 0  # batches placed out of the given order (for tests)
+
+    # -- learning
+
+    def learn(self, costs: Sequence[Features] | None, node: str, output: Any) -> None:
+        """A batch with ``costs`` finished on ``node`` with ``output``."""
+        seconds = output_seconds(output)
+        if costs is None or seconds is None or len(seconds) != len(costs):
+            return
+        for feats, s in zip(costs, seconds):
+            self.model.observe(feats, node, s)
+
+    def dispatched(self, costs: Sequence[Features] | None) -> None:
+        for feats in costs or ():
+            self.tried.update(name for name in feats if "#" not in name)
+
+    # -- ranking
+
+    def novelty(self, costs: Sequence[Features]) -> int:
+        """How many of the batch's (name, value) features no batch sent so
+        far had: such batches go first, so their cost is learned early."""
+        names = {name for feats in costs for name in feats if "#" not in name and "&" not in name}
+        return len(names - self.tried)
+
+    def expected(self, costs: Sequence[Features], node: str | None = None) -> float | None:
+        return self.model.seconds(costs, node)
+
+    def guess(self, work: Any) -> float | None:
+        """Expected seconds of ``work`` (its ``costs``) on an average node,
+        kept on the work until the model changes."""
+        if work.costs is None or not self.model.ready:
+            return None
+        self.model.refresh()
+        cached = work.guess
+        if cached is not None and cached[0] == self.model.version:
+            return float(cached[1])
+        seconds = self.expected(work.costs)
+        work.guess = (self.model.version, seconds)
+        return seconds
+
+    def order(self, waiting: Iterable[Any], ranked_costs: Any) -> list[Any]:
+        """``waiting`` works, in the order they should go: unranked work
+        (``ranked_costs(work)`` is None: retries, backups, pinned work)
+        first, as given; then batches with untried parameter values (most
+        untried first); then the others by expected time, longest first.
+        Ties keep the given order."""
+        front, ranked = [], []
+        for position, work in enumerate(waiting):
+            costs = ranked_costs(work)
+            if costs is None:
+                front.append(work)
+                continue
+            novel = self.novelty(costs)
+            guess = self.guess(work)
+            ranked.append(((-novel, -(guess or 0.0), position), work))
+        ranked.sort(key=lambda entry: entry[0])
+        return front + [work for _, work in ranked]
+
+    # -- placement
+
+    def ready_at(
+        self, held: Sequence[tuple[float, float | None]], concurrency: int, now: float
+    ) -> float:
+        """When a node next has a process free for new work: ``held`` lists
+        its batches as ``(sent_at, expected seconds or None)``, oldest first
+        (the first ``concurrency`` run, the rest wait in its queue)."""
+        if len(held) < concurrency:
+            return now
+        ends = []
+        for sent_at, expected in held[:concurrency]:
+            elapsed = now - sent_at
+            if expected is None:
+                expected = elapsed
+            # Overdue work is expected to take as long again as it is late.
+            ends.append(now + abs(expected - elapsed))
+        ends.sort()
+        for _, expected in held[concurrency:]:
+            first = ends.pop(0)
+            ends.append(first + (expected if expected is not None else 0.0))
+            ends.sort()
+        return ends[0]
+
+    def fits_on(
+        self,
+        costs: Sequence[Features],
+        node: str,
+        ready: Mapping[str, float],
+        horizon: float,
+    ) -> bool:
+        """Whether ``node`` should take a batch with ``costs`` now: it ends
+        there no later than on any other node (each from when it is ready),
+        or before the search's expected end ``horizon`` anyway."""
+        base = self.expected(costs)
+        if base is None:
+            return True
+        here = ready[node] + base * self.model.speed(node)
+        if here <= horizon:
+            return True
+        best = min(ready[m] + base * self.model.speed(m) for m in ready)
+        return here <= best * (1 + 1e-9) + 1e-6
+
+    def horizon(
+        self,
+        waiting: Sequence[Sequence[Features]],
+        in_flight: Iterable[tuple[str, float, float | None]],
+        concurrency: Mapping[str, int],
+        now: float,
+    ) -> float:
+        """The search's expected end if its work were spread evenly: what
+        waits and what is left of the work in flight, over the nodes'
+        speeds (``in_flight``: ``(node, sent_at, expected)``)."""
+        rate = sum(c / self.model.speed(n) for n, c in concurrency.items())
+        if rate <= 0:
+            return now
+        work = 0.0
+        for costs in waiting:
+            work += self.expected(costs) or 0.0
+        for node, sent_at, expected in in_flight:
+            if expected is not None:
+                left = max(expected - (now - sent_at), 0.0)
+                work += left / self.model.speed(node)
+        return now + work / rate
