@@ -81,6 +81,7 @@ DOCUMENTED = {
     "no_node_timeout": 30.0,
     "straggler_factor": 3.0,
     "reconnect_grace": 10.0,
+    "longest_first": True,
 }
 
 
@@ -89,7 +90,9 @@ def test_policy_defaults_are_the_documented_ones():
     assert Policy.field_names() == tuple(DOCUMENTED)
     # The docstring says the same ("name : type, default=value").
     documented = dict(re.findall(r"^    (\w+) : [^\n]*?default=([^\s,]+)$", Policy.__doc__, re.M))
-    assert {k: float(v) for k, v in documented.items()} == DOCUMENTED
+    values = {k: v == "True" if v in ("True", "False") else float(v) for k, v in documented.items()}
+    assert values == DOCUMENTED
+    assert isinstance(values["longest_first"], bool)
 
 
 @pytest.mark.parametrize(

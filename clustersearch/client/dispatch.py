@@ -28,6 +28,7 @@ from ..wire.protocol import TASK_NAME, RemoteFailure
 from ..wire.serialization import COMPRESS_OVER, loads
 from .failures import Failures
 from .recovery import is_connection_error, is_worker_lost, reclaim
+from .schedule import candidate_key
 from .work import Copy, Local, Part, Work
 
 if TYPE_CHECKING:
@@ -211,8 +212,11 @@ class Dispatcher:
             with session.lock:
                 if session.scheduler is not None:
                     session.scheduler.dispatched(work.costs)
-                session.members.took(node)
-                session.copies[result.id] = Copy(work, node, time.monotonic(), result)
+                members = session.members
+                now = time.monotonic()
+                free = members.busy[node] < members.nodes[node].concurrency
+                members.took(node)
+                session.copies[result.id] = Copy(work, node, now, result, now if free else None)
                 session.stats.task_bytes_per_node[node] += len(work.payload)
             if backend_is_async(session.app.backend):
                 result.then(self._on_ready)
@@ -233,7 +237,7 @@ class Dispatcher:
         scheduler = session.scheduler
         waiting = list(session.pending)
         if scheduler is not None and any(_ranked(w) is not None for w in waiting):
-            waiting = scheduler.order(waiting, _ranked)
+            waiting = scheduler.order(waiting, _ranked, self._running_floors())
         else:
             scheduler = None
         ready: dict[str, float] | None = None
@@ -260,6 +264,30 @@ class Dispatcher:
             session.pending.remove(work)
             return work, node
         return None
+
+    def _next_runs(self, node: str) -> None:
+        """A copy on ``node`` came back: the oldest one queued there runs now."""
+        session = self.session
+        held = [c for c in session.copies.values() if c.node == node]
+        waiting = [c for c in held if c.running_since is None]
+        info = session.members.nodes.get(node)
+        if waiting and info is not None and len(held) - len(waiting) < info.concurrency:
+            min(waiting, key=lambda c: c.sent_at).running_since = time.monotonic()
+
+    def _running_floors(self) -> dict[frozenset[str], float]:
+        """For each candidate (its parameter values) with a fit running: for
+        how long it has run so far, a lower bound on its other fits' time."""
+        now = time.monotonic()
+        floors: dict[frozenset[str], float] = {}
+        for copy in self.session.copies.values():
+            costs = copy.work.costs
+            if copy.running_since is None or not costs:
+                continue
+            each = (now - copy.running_since) / len(costs)
+            for feats in costs:
+                key = candidate_key(feats)
+                floors[key] = max(floors.get(key, 0.0), each)
+        return floors
 
     def _readiness(self, waiting: list[Work]) -> tuple[dict[str, float], float]:
         """When each live node next has a process free, and when the search
@@ -357,6 +385,7 @@ class Dispatcher:
                 return
             work, node = copy.work, copy.node
             session.members.released(node)
+            self._next_runs(node)
             # Verified before anything else, whatever it claims to be.
             verdict, what = self.check_result(result, node)
             if verdict == "rejected":

@@ -26,7 +26,7 @@ import numpy as np
 
 from .._compat import batch_calls
 
-__all__ = ["CostModel", "Scheduler", "call_features"]
+__all__ = ["CostModel", "Scheduler", "batch_features", "call_features", "candidate_key"]
 
 # Feature vectors are sparse: {name: value}.
 Features = dict[str, float]
@@ -64,6 +64,11 @@ def call_features(kwargs: Mapping[str, Any]) -> Features | None:
     if train is not None and hasattr(train, "__len__"):
         feats["n_train#log"] = math.log1p(len(train))
     return feats
+
+
+def candidate_key(feats: Features) -> frozenset[str]:
+    """The parameter values of a call: the same for every split of a candidate."""
+    return frozenset(name for name in feats if "#" not in name and "&" not in name)
 
 
 def batch_features(batch: Any) -> list[Features] | None:
@@ -177,14 +182,15 @@ class CostModel:
         if not self.rows:
             return None
         coef = self._fit()
+        known = len(coef) - 1  # features added since the last refit count 0
         total = float(coef[-1])
         for name, value in feats.items():
             j = self.index.get(name)
-            if j is not None:
+            if j is not None and j < known:
                 total += coef[j] * value
         if node is not None:
             j = self.index.get(f"node={node}")
-            if j is not None:
+            if j is not None and j < known:
                 total += coef[j]
         return total
 
@@ -193,8 +199,9 @@ class CostModel:
         when unknown)."""
         if not self.rows:
             return 1.0
+        coef = self._fit()
         j = self.index.get(f"node={node}")
-        return 1.0 if j is None else float(math.exp(self._fit()[j]))
+        return 1.0 if j is None or j >= len(coef) - 1 else float(math.exp(coef[j]))
 
     def seconds(self, calls: Sequence[Features], node: str | None = None) -> float | None:
         """Expected seconds of a batch of calls on an average node (times
@@ -244,25 +251,37 @@ class Scheduler:
     def expected(self, costs: Sequence[Features], node: str | None = None) -> float | None:
         return self.model.seconds(costs, node)
 
-    def guess(self, work: Any) -> float | None:
-        """Expected seconds of ``work`` (its ``costs``) on an average node,
-        kept on the work until the model changes."""
-        if work.costs is None or not self.model.ready:
-            return None
-        self.model.refresh()
-        cached = work.guess
-        if cached is not None and cached[0] == self.model.version:
-            return float(cached[1])
-        seconds = self.expected(work.costs)
-        work.guess = (self.model.version, seconds)
-        return seconds
+    def guess(self, work: Any, floors: Mapping[frozenset[str], float] | None = None) -> float:
+        """Expected seconds of ``work`` (its ``costs``) on an average node:
+        each call's model estimate (kept on the work until the model
+        changes), at least as long as a fit of the same candidate has run
+        so far (``floors``, see :func:`candidate_key`)."""
+        costs = work.costs or []
+        if self.model.ready:
+            self.model.refresh()
+            cached = work.guess
+            if cached is None or cached[0] != self.model.version:
+                cached = (self.model.version, [self.expected([f]) or 0.0 for f in costs])
+                work.guess = cached
+            each = list(cached[1])
+        else:
+            each = [0.0] * len(costs)
+        if floors:
+            each = [max(e, floors.get(candidate_key(f), 0.0)) for e, f in zip(each, costs)]
+        return float(sum(each))
 
-    def order(self, waiting: Iterable[Any], ranked_costs: Any) -> list[Any]:
+    def order(
+        self,
+        waiting: Iterable[Any],
+        ranked_costs: Any,
+        floors: Mapping[frozenset[str], float] | None = None,
+    ) -> list[Any]:
         """``waiting`` works, in the order they should go: unranked work
         (``ranked_costs(work)`` is None: retries, backups, pinned work)
         first, as given; then batches with untried parameter values (most
-        untried first); then the others by expected time, longest first.
-        Ties keep the given order."""
+        untried first); then the others by expected time, longest first
+        (a fit of a candidate that has run for long already makes its other
+        fits long, see :meth:`guess`). Ties keep the given order."""
         front, ranked = [], []
         for position, work in enumerate(waiting):
             costs = ranked_costs(work)
@@ -270,8 +289,8 @@ class Scheduler:
                 front.append(work)
                 continue
             novel = self.novelty(costs)
-            guess = self.guess(work)
-            ranked.append(((-novel, -(guess or 0.0), position), work))
+            guess = self.guess(work, floors)
+            ranked.append(((-novel, -guess, position), work))
         ranked.sort(key=lambda entry: entry[0])
         return front + [work for _, work in ranked]
 

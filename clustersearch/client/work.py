@@ -68,6 +68,10 @@ class Copy:
     node: str
     sent_at: float
     result: Any  # Celery's AsyncResult
+    # When a process of its node took it, as far as the client can tell:
+    # when it was sent to a free process, or when the copy before it on
+    # that node came back (client/schedule.py uses it); None: queued.
+    running_since: float | None = None
 
 
 class Local:
