@@ -76,6 +76,11 @@ def makespan(search, speed=None):
         "longest_fit_s": longest,
         "tasks": len(tasks),
         "fits_per_node": dict(search.fits_per_node_),
+        # Each task: node, fits, sent, start, end (seconds since fit began).
+        "timeline": [
+            [t["node"], t["fits"], round(t["sent"], 3), round(t["start"], 3), round(t["end"], 3)]
+            for t in sorted(tasks, key=lambda t: t["sent"])
+        ],
     }
 
 

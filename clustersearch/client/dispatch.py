@@ -237,6 +237,8 @@ class Dispatcher:
         scheduler = session.scheduler
         waiting = list(session.pending)
         if scheduler is not None and any(_ranked(w) is not None for w in waiting):
+            if members.pick() is None and all(w.only is None for w in waiting):
+                return None  # no room anywhere: nothing to rank for
             waiting = scheduler.order(waiting, _ranked, self._running_floors())
         else:
             scheduler = None
@@ -302,13 +304,14 @@ class Dispatcher:
         for copy in sorted(session.copies.values(), key=lambda c: c.sent_at):
             if copy.node not in held:
                 continue
-            costs = copy.work.costs
-            expected = scheduler.expected(costs, copy.node) if costs is not None else None
+            expected = None
+            if copy.work.costs is not None:
+                expected = scheduler.guess(copy.work) * scheduler.model.speed(copy.node)
             held[copy.node].append((copy.sent_at, expected))
             in_flight.append((copy.node, copy.sent_at, expected))
         concurrency = {n: members.nodes[n].concurrency for n in members.window}
         ready = {n: scheduler.ready_at(held[n], concurrency[n], now) for n in held}
-        left = [w.costs for w in waiting if w.costs is not None]
+        left = [scheduler.guess(w) for w in waiting if w.costs is not None]
         return ready, scheduler.horizon(left, in_flight, concurrency, now)
 
     def _where(self, work: Work, ready: dict[str, float], horizon: float) -> str | None:
@@ -322,7 +325,7 @@ class Dispatcher:
         room = [n for n in members.window if members.window[n] - members.busy[n] > 0]
         room.sort(key=lambda n: (ready[n], -(members.window[n] - members.busy[n])))
         for node in room:
-            if scheduler.fits_on(work.costs, node, ready, horizon):
+            if scheduler.fits_on(work.costs, node, ready, horizon, scheduler.guess(work)):
                 return node
         return None
 

@@ -220,9 +220,9 @@ class Failures:
             median = late
 
             def late_after(work: Work, node: str) -> float:
-                expected = scheduler.expected(work.costs, node) if work.costs else None
-                if expected is None:
+                if not work.costs:
                     return median if median is not None else float("inf")
+                expected = scheduler.guess(work) * scheduler.model.speed(node)
                 return max(session.policy.STRAGGLER_MIN_S, factor * expected)
 
             late = late_after

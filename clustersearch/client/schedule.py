@@ -324,11 +324,13 @@ class Scheduler:
         node: str,
         ready: Mapping[str, float],
         horizon: float,
+        expected: float | None = None,
     ) -> bool:
         """Whether ``node`` should take a batch with ``costs`` now: it ends
         there no later than on any other node (each from when it is ready),
-        or before the search's expected end ``horizon`` anyway."""
-        base = self.expected(costs)
+        or before the search's expected end ``horizon`` anyway. ``expected``:
+        its seconds on an average node, if known (else from ``costs``)."""
+        base = self.expected(costs) if expected is None else expected
         if base is None:
             return True
         here = ready[node] + base * self.model.speed(node)
@@ -339,20 +341,19 @@ class Scheduler:
 
     def horizon(
         self,
-        waiting: Sequence[Sequence[Features]],
+        waiting: Iterable[float],
         in_flight: Iterable[tuple[str, float, float | None]],
         concurrency: Mapping[str, int],
         now: float,
     ) -> float:
         """The search's expected end if its work were spread evenly: what
-        waits and what is left of the work in flight, over the nodes'
-        speeds (``in_flight``: ``(node, sent_at, expected)``)."""
+        waits (expected seconds on an average node) and what is left of the
+        work in flight, over the nodes' speeds (``in_flight``: ``(node,
+        sent_at, expected seconds there)``)."""
         rate = sum(c / self.model.speed(n) for n, c in concurrency.items())
         if rate <= 0:
             return now
-        work = 0.0
-        for costs in waiting:
-            work += self.expected(costs) or 0.0
+        work = float(sum(waiting))
         for node, sent_at, expected in in_flight:
             if expected is not None:
                 left = max(expected - (now - sent_at), 0.0)
