@@ -152,6 +152,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[mi
         parallel.pre_dispatch = "all"
         per_slot = _BATCHES_PER_PROCESS * max(1, self.session.capacity)
         self._fixed_batch = max(1, n_calls // per_slot)
+        self.session.gather(n_calls)
 
     def compute_batch_size(self) -> int:
         if self._fixed_batch is not None:

@@ -239,6 +239,8 @@ class Dispatcher:
         if scheduler is not None and any(_ranked(w) is not None for w in waiting):
             if members.pick() is None and all(w.only is None for w in waiting):
                 return None  # no room anywhere: nothing to rank for
+            if not session.gathered():
+                return None  # the rest of the search's batches are coming
             waiting = scheduler.order(waiting, _ranked, self._running_floors())
         else:
             scheduler = None

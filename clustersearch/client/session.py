@@ -44,6 +44,10 @@ __all__ = ["Session", "Stats", "Work", "processes_by_node"]
 
 logger = logging.getLogger(__name__)
 
+# The longest a session holds a search's first batches back while joblib
+# hands the rest over (Session.gather): pickling a batch takes milliseconds.
+GATHER_S = 0.5
+
 
 def processes_by_node(pids: Iterable[tuple[str, int]], nodes: Iterable[str]) -> dict[str, list[int]]:
     """``{node: sorted pids}`` of the ``(node, pid)`` pairs, for ``nodes``
@@ -203,6 +207,11 @@ class Session:
         self.blob_server: BlobServer | None = None
         # Longest expected fits first (client/schedule.py); None: in order.
         self.scheduler = Scheduler() if self.policy.longest_first else None
+        # Calls submitted so far; with a scheduler, until this many have
+        # come (or until the monotonic deadline) nothing is sent, so that
+        # the first batches sent are ranked among all (see gather()).
+        self.submitted = 0
+        self.gathering: tuple[int, float] | None = None
         self.dispatcher = Dispatcher(self)
         self._watcher: Watcher | None = None
         # Set by a search with journal= before its first batch.
@@ -267,6 +276,8 @@ class Session:
         fails with :class:`~clustersearch.exceptions.NodeLostError`.
         """
         n_calls = len(func) if hasattr(func, "__len__") else 1
+        with self.lock:
+            self.submitted += n_calls
         keyed = None
         if self.journal is not None:
             # Calls the journal holds are answered here (client/journal.py).
@@ -291,6 +302,27 @@ class Session:
             (self.finished if work.error else self.pending).append(work)
         self.wake.set()
         return work.future
+
+    def gather(self, n_calls: int, wait_s: float = GATHER_S) -> None:
+        """``n_calls`` calls are about to be submitted at once (a search's
+        ``Parallel`` that hands everything over): with a scheduler, send
+        nothing until they are all in, or for ``wait_s`` at most, so that
+        the first batches sent are the ones to send first, not the first
+        ones pickled."""
+        if self.scheduler is not None:
+            with self.lock:
+                self.gathering = (self.submitted + n_calls, time.monotonic() + wait_s)
+
+    def gathered(self) -> bool:
+        """Whether the calls announced by :meth:`gather` are in (or the wait
+        is over). Called with the lock held."""
+        if self.gathering is None:
+            return True
+        target, deadline = self.gathering
+        if self.submitted >= target or time.monotonic() >= deadline:
+            self.gathering = None
+            return True
+        return False
 
     def cancel_pending(self) -> None:
         """Drop the work not done yet; revoke (and stop) what nodes hold."""
