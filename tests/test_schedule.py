@@ -163,12 +163,12 @@ def test_grid_search_sends_the_long_fits_early_with_equal_results(embedded_clust
     forest = RandomForestClassifier(random_state=0)
     theirs = GridSearchCV(forest, GRID, cv=3).fit(X, y)
     _with_policy(monkeypatch, embedded_cluster, longest_first=False, straggler_factor=None)
-    # The data into the nodes' caches first: a node's first fit also
-    # fetches it, and would look long.
-    # (The same folds: their indices are data too.) Until every node has
-    # them.
+    # The data into the nodes' caches first, and sklearn.ensemble into their
+    # processes: a node's first forest fit also fetches the data (the same
+    # folds: their indices are data too) and imports, and would look long.
+    # Until every node has.
     for _ in range(5):
-        warm = ClusterGridSearchCV(DecisionTreeClassifier(), {"max_depth": [1, 2]}, cv=3,
+        warm = ClusterGridSearchCV(forest, {"n_estimators": [1], "max_depth": [1, 2]}, cv=3,
                                    cluster=embedded_cluster)  # fmt: skip
         if len(warm.fit(X, y).fits_per_node_) == len(embedded_cluster.nodes()):
             break

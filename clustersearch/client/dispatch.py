@@ -182,6 +182,9 @@ class Dispatcher:
             if session.journal is not None:
                 # Noted before it leaves: a successor collects its result.
                 session.journal.sending(work, node)
+            # Taken before it leaves: a node may start it before send_task
+            # returns, and the timeline's clock bounds need sent <= started.
+            sending_at = time.monotonic()
             try:
                 result = session.app.send_task(
                     TASK_NAME,
@@ -213,10 +216,10 @@ class Dispatcher:
                 if session.scheduler is not None:
                     session.scheduler.dispatched(work.costs)
                 members = session.members
-                now = time.monotonic()
                 free = members.busy[node] < members.nodes[node].concurrency
                 members.took(node)
-                session.copies[result.id] = Copy(work, node, now, result, now if free else None)
+                running = sending_at if free else None
+                session.copies[result.id] = Copy(work, node, sending_at, result, running)
                 session.stats.task_bytes_per_node[node] += len(work.payload)
             if backend_is_async(session.app.backend):
                 result.then(self._on_ready)
