@@ -214,16 +214,18 @@ class Failures:
         late = straggler_threshold(self.durations, session.policy)
         factor = session.policy.straggler_factor
         scheduler = session.scheduler
-        if factor is not None and scheduler is not None and scheduler.model.ready:
+        if factor is not None and scheduler is not None and scheduler.model.observed >= 4:
             # Fits of a search vary (max_depth=None against max_depth=2):
-            # each batch is late after factor x its own expected time.
+            # each batch is late after factor x its own expected time (once
+            # 4 fits are back, as for the median).
             median = late
 
             def late_after(work: Work, node: str) -> float:
                 if not work.costs:
                     return median if median is not None else float("inf")
-                expected = scheduler.guess(work) * scheduler.model.speed(node)
-                return max(session.policy.STRAGGLER_MIN_S, factor * expected)
+                # On a node of average speed: a slow node's batches are
+                # still backed up on a faster one.
+                return max(session.policy.STRAGGLER_MIN_S, factor * scheduler.guess(work))
 
             late = late_after
         if late is None:
@@ -246,7 +248,8 @@ class Failures:
                 work.backed_up = True
                 work.avoid = {node}
                 session.pending.append(work)
-                session.stats.event("straggler", node, waited_s=waited, late_s=late, backup=target)
+                late_s = late(work, node) if callable(late) else late
+                session.stats.event("straggler", node, waited_s=waited, late_s=late_s, backup=target)
 
     # -- deadlines and the broker
 
