@@ -33,9 +33,6 @@ Features = dict[str, float]
 
 # Ridge penalty on every coefficient but the intercept (log-seconds scale).
 _RIDGE = 0.3
-# The most observations kept: the oldest are dropped (a search's fits
-# rarely change cost over time; this bounds the refit's cost).
-_MAX_OBSERVATIONS = 4000
 
 
 def _value_key(value: Any) -> str:
@@ -108,15 +105,20 @@ def output_seconds(output: Any) -> list[float] | None:
 
 
 class CostModel:
-    """Seconds a fit takes, from the fits that finished (see the module)."""
+    """Seconds a fit takes, from the fits that finished (see the module).
+
+    Keeps the ridge regression's sufficient statistics (X'X and X'y, grown
+    as features appear), so an observation costs O(its features^2) and a
+    refit one solve, whatever the number of fits (10,080 near-instant fits
+    refitted from all rows took the client's CPU from the nodes)."""
 
     def __init__(self, ridge: float = _RIDGE) -> None:
         self.ridge = ridge
-        self.index: dict[str, int] = {}
-        self.rows: list[tuple[Features, float]] = []
+        self.index: dict[str, int] = {}  # feature -> its row in _xtx (0: intercept)
         self.seen: set[str] = set()  # one-hot features with a finished fit
+        self._xtx = np.zeros((64, 64))
+        self._xty = np.zeros(64)
         self._coef: np.ndarray | None = None
-        self._dirty = False
         self.observed = 0
         self._fitted_rows = 0
         self._fitted_at = 0.0
@@ -124,7 +126,7 @@ class CostModel:
 
     @property
     def ready(self) -> bool:
-        return bool(self.rows)
+        return self.observed > 0
 
     def observe(self, feats: Features, node: str, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
@@ -132,33 +134,32 @@ class CostModel:
         row = {**feats, f"node={node}": 1.0}
         for name in row:
             if name not in self.index:
-                self.index[name] = len(self.index)
+                self.index[name] = len(self.index) + 1
             if "#" not in name:
                 self.seen.add(name)
-        self.rows.append((row, math.log(seconds)))
+        d = len(self.index) + 1
+        if d > len(self._xty):
+            size = max(d, 2 * len(self._xty))
+            xtx, xty = np.zeros((size, size)), np.zeros(size)
+            n = len(self._xty)
+            xtx[:n, :n], xty[:n] = self._xtx, self._xty
+            self._xtx, self._xty = xtx, xty
+        idx = np.array([0] + [self.index[name] for name in row])
+        val = np.array([1.0] + list(row.values()))
+        self._xtx[np.ix_(idx, idx)] += np.outer(val, val)
+        self._xty[idx] += val * math.log(seconds)
         self.observed += 1
-        if len(self.rows) > _MAX_OBSERVATIONS:
-            del self.rows[0]
-        self._dirty = True
 
     def _fit(self) -> np.ndarray:
-        if self._coef is not None and not self._dirty:
+        if self._coef is not None and (
+            self._fitted_rows == self.observed or not self._refit_due()
+        ):
             return self._coef
-        if self._coef is not None and not self._refit_due():
-            return self._coef
-        d = len(self.index) + 1  # the last one: the intercept
-        X = np.zeros((len(self.rows), d))
-        y = np.empty(len(self.rows))
-        for i, (row, target) in enumerate(self.rows):
-            for name, value in row.items():
-                X[i, self.index[name]] = value
-            X[i, -1] = 1.0
-            y[i] = target
+        d = len(self.index) + 1
         penalty = np.full(d, self.ridge)
-        penalty[-1] = 1e-9
-        A = X.T @ X + np.diag(penalty)
-        self._coef = np.linalg.solve(A, X.T @ y)
-        self._dirty = False
+        penalty[0] = 1e-9  # the intercept
+        A = self._xtx[:d, :d] + np.diag(penalty)
+        self._coef = np.linalg.solve(A, self._xty[:d])
         self._fitted_rows = self.observed
         self._fitted_at = time.monotonic()
         self.version += 1
@@ -166,24 +167,24 @@ class CostModel:
 
     def _refit_due(self) -> bool:
         # Refit after each of the first fits, then after every tenth more
-        # (or once a second): a refit costs O(rows x features^2), and the
-        # dispatcher ranks every waiting batch after each refit.
+        # (or every 2 s): the dispatcher ranks every waiting batch again
+        # after each refit.
         new = self.observed - self._fitted_rows
-        return new >= max(1, self.observed // 10) or time.monotonic() - self._fitted_at > 1.0
+        return new >= max(1, self.observed // 10) or time.monotonic() - self._fitted_at > 2.0
 
     def refresh(self) -> None:
         """Refit now if due (changes ``version``)."""
-        if self.rows:
+        if self.observed:
             self._fit()
 
     def log_seconds(self, feats: Features, node: str | None = None) -> float | None:
         """Expected log-seconds of a call with ``feats`` on ``node`` (None:
         a node of average speed); None before any fit finished."""
-        if not self.rows:
+        if not self.observed:
             return None
         coef = self._fit()
-        known = len(coef) - 1  # features added since the last refit count 0
-        total = float(coef[-1])
+        known = len(coef)  # features added since the last refit count 0
+        total = float(coef[0])
         for name, value in feats.items():
             j = self.index.get(name)
             if j is not None and j < known:
@@ -197,16 +198,16 @@ class CostModel:
     def speed(self, node: str) -> float:
         """How many times longer than an average node ``node`` takes (1.0
         when unknown)."""
-        if not self.rows:
+        if not self.observed:
             return 1.0
         coef = self._fit()
         j = self.index.get(f"node={node}")
-        return 1.0 if j is None or j >= len(coef) - 1 else float(math.exp(coef[j]))
+        return 1.0 if j is None or j >= len(coef) else float(math.exp(coef[j]))
 
     def seconds(self, calls: Sequence[Features], node: str | None = None) -> float | None:
         """Expected seconds of a batch of calls on an average node (times
         :meth:`speed` for a given one)."""
-        if not self.rows:
+        if not self.observed:
             return None
         total = 0.0
         for feats in calls:
