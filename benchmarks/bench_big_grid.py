@@ -14,11 +14,8 @@ loky (``--only serial loky cluster``) takes 5 to 9 minutes on this grid
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,6 +26,9 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.tree import DecisionTreeClassifier
 
 from clustersearch import ClusterGridSearchCV, LocalCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import machine, write_markdown  # noqa: E402
 
 GRID = {
     "max_features": [2, 4, 6, 8, 10],
@@ -129,27 +129,6 @@ def main(argv=None):
     return 0 if agree else 1
 
 
-def machine():
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for module in ("clustersearch", "sklearn", "joblib", "celery", "kombu"):
-        with contextlib.suppress(Exception):
-            versions[module] = __import__(module).__version__
-    return {
-        "host": socket.gethostname(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions,
-    }
-
-
 def markdown(result, baseline):
     m = result["machine"]
     runners = result["runners"]
@@ -179,17 +158,6 @@ def markdown(result, baseline):
             + (f"{r['tasks']} ({r['task_kb']:.0f} kB)" if "tasks" in r else "") + " |"
         )
     return "\n".join(lines)
-
-
-def write_markdown(path, text, marker):
-    path = Path(path)
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    old = path.read_text() if path.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
-    if begin not in old:
-        old += f"\n{begin}\n{end}\n"
-    head, rest = old.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
