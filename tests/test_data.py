@@ -81,7 +81,9 @@ def test_a_task_message_does_not_grow_with_the_grid(monkeypatch):
 
     monkeypatch.setattr(scheduler, "dumps_with_blobs", recording)
     X, y = _data(seed=3, n=300, d=5)
-    with LocalCluster(n_workers=2) as cluster:
+    # joblib's own batching (longest_first off: the scheduler would send the
+    # 1,200-fit search in batches of 18 fits from the start).
+    with LocalCluster(n_workers=2, longest_first=False) as cluster:
         for n_candidates in (10, 400):
             sizes.append([])
             grid = {"min_samples_leaf": list(range(1, n_candidates + 1))}
