@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RABBITMQ, REDIS, require_servers
+from conftest import RABBITMQ, REDIS, require_servers, skip_broker_test
 from netcluster import REPORT, MemoryCgroup, NetCluster, why_unavailable
 from sklearn.ensemble import RandomForestClassifier
 
@@ -93,9 +93,7 @@ def boards(tmp_path_factory):
         except (OSError, RuntimeError) as exc:
             reason = f"cannot create a memory cgroup: {exc}"
     if reason:
-        if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
-            pytest.fail(reason + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
-        pytest.skip(reason)
+        skip_broker_test(reason)
     require_servers(RABBITMQ, REDIS)
     net = NetCluster(
         tmp_path_factory.mktemp("boards"), n_hosts=N_NODES, n_nodes=N_NODES, memory_cgroups=True

@@ -26,7 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RABBITMQ, REDIS, assert_same_results, require_servers
+from conftest import (
+    RABBITMQ,
+    REDIS,
+    assert_same_results,
+    require_servers,
+    skip_broker_test,
+)
 from kombu import Connection
 from netcluster import BROKERS, REPORT, NetCluster, why_unavailable
 from sklearn.datasets import make_classification
@@ -166,9 +172,7 @@ def net(tmp_path_factory):
     """Three nodes in network namespaces (and a fourth, empty host)."""
     reason = why_unavailable()
     if reason:
-        if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
-            pytest.fail(reason + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
-        pytest.skip(reason)
+        skip_broker_test(reason)
     require_servers(RABBITMQ, REDIS)
     cluster = NetCluster(tmp_path_factory.mktemp("netcluster")).start()
     cluster.references = {}  # broker -> its fault-free Run

@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest
-from conftest import RABBITMQ, REDIS, require_servers
+from conftest import RABBITMQ, REDIS, require_servers, skip_broker_test
 from kombu import Connection
 from netcluster import NetCluster, why_unavailable
 from test_journal import _executions, _kill_and_rerun
@@ -32,9 +32,7 @@ def net(tmp_path_factory):
     """Three nodes in network namespaces, RabbitMQ broker, Redis results."""
     reason = why_unavailable()
     if reason:
-        if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
-            pytest.fail(reason + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
-        pytest.skip(reason)
+        skip_broker_test(reason)
     require_servers(RABBITMQ, REDIS)
     net = NetCluster(tmp_path_factory.mktemp("netcluster"), n_hosts=3, n_nodes=3).start()
     try:

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RABBITMQ, REDIS, assert_same_results, require_servers
+from conftest import (
+    RABBITMQ,
+    REDIS,
+    assert_same_results,
+    require_servers,
+    skip_broker_test,
+)
 from netcluster import REPORT, NetCluster, why_unavailable
 from sklearn.datasets import make_classification
 from sklearn.model_selection import GridSearchCV
@@ -56,9 +62,7 @@ class _MarkedTree(DecisionTreeClassifier):
 def net(tmp_path_factory):
     reason = why_unavailable()
     if reason:
-        if os.environ.get("CLUSTERSEARCH_REQUIRE_BROKERS") == "1":
-            pytest.fail(reason + " (CLUSTERSEARCH_REQUIRE_BROKERS=1)")
-        pytest.skip(reason)
+        skip_broker_test(reason)
     require_servers(RABBITMQ, REDIS)
     cluster = NetCluster(
         tmp_path_factory.mktemp("many"), n_hosts=N_NODES, n_nodes=N_NODES
