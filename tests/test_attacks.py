@@ -359,6 +359,45 @@ def test_undecodable_results_are_dropped(target, tmp_path, capsys, caplog):
     _still_serving(target, pids)
 
 
+def test_tasks_taken_and_dropped_do_not_stall_the_search(target, capsys, caplog):
+    """A competing consumer on both nodes' queues takes tasks and drops them
+    (acknowledged, never answered) until it holds as many as each node may
+    be sent at once. Before, each dropped copy held its node's room for
+    good: with every node's room held, nothing more was sent and nothing
+    was idle to take a straggler's backup: the search waited forever. Now
+    the heartbeat finds the nodes holding nothing while the client counts
+    copies on them: those are sent again, and the search ends with
+    scikit-learn's results."""
+    pids = _pids(target)
+    attacker = Attacker(target)
+    # What the client sends a node at once: its processes and one queued.
+    room = 2 + 1
+    stolen = {name: [] for name in target.node_names}
+
+    def stealer(name):
+        def on_message(body, message):
+            message.ack()  # gone: nobody will answer it
+            stolen[name].append(message.headers["id"])
+
+        return on_message
+
+    for name in target.node_names:
+        attacker.spawn(attacker.consume, queue_for(name), stealer(name),
+                       lambda name=name: len(stolen[name]) >= room)  # fmt: skip
+    try:
+        session = _run_search(target)
+    finally:
+        attacker.close()
+    assert any(stolen.values()), "the attacker got no task: the attack did not happen"
+    lost = [e for e in session.events if e["event"] == "copies-lost"]
+    assert sum(e["copies"] for e in lost) >= 1, session.events
+    # Every copy found lost was one the attacker took (none the nodes ran).
+    assert {e["node"] for e in lost} <= {n for n, ids in stolen.items() if ids}, lost
+    assert not [e for e in session.events if e["event"] in ("worker-lost", "gave-up")]
+    _nothing_shown(capsys, caplog)
+    _still_serving(target, pids)
+
+
 # -- (b) fake nodes ------------------------------------------------------------
 
 

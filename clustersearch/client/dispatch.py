@@ -275,7 +275,7 @@ class Dispatcher:
     def _next_runs(self, node: str) -> None:
         """A copy on ``node`` came back: the oldest one queued there runs now."""
         session = self.session
-        held = [c for c in session.copies.values() if c.node == node]
+        held = [c for c in session.copies.values() if c.node == node and c.holds_slot]
         waiting = [c for c in held if c.running_since is None]
         info = session.members.nodes.get(node)
         if waiting and info is not None and len(held) - len(waiting) < info.concurrency:
@@ -288,7 +288,7 @@ class Dispatcher:
         floors: dict[frozenset[str], float] = {}
         for copy in self.session.copies.values():
             costs = copy.work.costs
-            if copy.running_since is None or not costs:
+            if copy.running_since is None or not costs or not copy.holds_slot:
                 continue
             each = (now - copy.running_since) / len(costs)
             for feats in costs:
@@ -307,7 +307,7 @@ class Dispatcher:
         held: dict[str, list[tuple[float, float | None]]] = {n: [] for n in members.window}
         in_flight = []
         for copy in sorted(session.copies.values(), key=lambda c: c.sent_at):
-            if copy.node not in held:
+            if copy.node not in held or not copy.holds_slot:
                 continue
             expected = None
             if copy.work.costs is not None:
@@ -379,7 +379,7 @@ class Dispatcher:
                 session.stats.event("rejected-result", None, why=why)
                 logger.warning("dropped a result message: %s", why, exc_info=exc)
                 return
-            session.members.released(copy.node)
+            copy.release(session.members)
             self.failures.rejected_result(copy.work, copy.node, why)
         self.revoke([task_id])  # type: ignore[list-item]
 
@@ -392,7 +392,7 @@ class Dispatcher:
                 session.stats.late_results += 1
                 return
             work, node = copy.work, copy.node
-            session.members.released(node)
+            copy.release(session.members)
             self._next_runs(node)
             # Verified before anything else, whatever it claims to be.
             verdict, what = self.check_result(result, node)
@@ -554,7 +554,7 @@ class Dispatcher:
             session.pending.remove(waiting)
         ids = [tid for tid, c in session.copies.items() if c.work is work]
         for task_id in ids:
-            session.members.released(session.copies.pop(task_id).node)
+            session.copies.pop(task_id).release(session.members)
         return ids
 
     def fail_everything(self, error: BaseException) -> None:

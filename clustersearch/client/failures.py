@@ -54,6 +54,9 @@ class Failures:
         self.refused: set[str] = set()
         self.broker_down_since: float | None = None
         self._reply_connection: Any = None
+        # Node -> start of the first heartbeat round of those in a row in
+        # which it held no task (see check_held).
+        self._empty_since: dict[str, float] = {}
 
     # -- nodes
 
@@ -72,6 +75,61 @@ class Failures:
                 self.lose_node(name, reason, **info)
             for node in outcome.joining:
                 self.add_node(node)
+            self.check_held(t, nodes)
+
+    def check_held(self, t: float, nodes: Any) -> None:
+        """Send again the copies a node does not hold: lost on the way.
+
+        A copy can vanish without a trace: its task message taken from the
+        node's queue by another consumer (anyone with broker access), its
+        result lost with the broker. Nothing would ever come back for it,
+        and it would hold its node's room: the search would wait forever.
+        A node that answers two heartbeat rounds in a row holding no task
+        (none running, none waiting) holds none of the copies sent to it
+        before the first of those rounds began: with every process free, it
+        would have taken them from its queue. Those are presumed lost: their
+        room is given back and their work sent again (a result of theirs
+        that still comes is taken; the first result wins).
+        """
+        session = self.session
+        answered = {node.name for node in nodes}
+        for name in set(self._empty_since) - answered:
+            del self._empty_since[name]  # not in a row
+        for node in nodes:
+            name = node.name
+            if name not in session.members.window or node.running or node.queued:
+                self._empty_since.pop(name, None)
+                continue
+            since = self._empty_since.setdefault(name, t)
+            if since >= t:
+                continue  # the first round that found it empty
+            with session.lock:
+                lost = [
+                    c for c in session.copies.values()
+                    if c.node == name and c.holds_slot and c.sent_at < since
+                ]  # fmt: skip
+                resent = 0
+                for copy in lost:
+                    copy.release(session.members)
+                    work = copy.work
+                    others = any(
+                        c.work is work and c.holds_slot for c in session.copies.values()
+                    )
+                    if others or any(w is work for w in session.pending):
+                        continue
+                    work.backed_up = True
+                    if work.only is None:
+                        work.avoid = work.avoid | {name}
+                    session.pending.append(work)
+                    resent += 1
+            if lost:
+                logger.warning(
+                    "node %r holds none of the %d task(s) sent to it over %.1f s ago: "
+                    "presumed lost (taken from its queue by another consumer, or a "
+                    "result lost), sent again", name, len(lost), t - since,
+                )  # fmt: skip
+                session.stats.event("copies-lost", name, copies=len(lost), resent=resent)
+                session.wake.set()
 
     def add_node(self, info: NodeInfo) -> None:
         session = self.session
@@ -235,7 +293,7 @@ class Failures:
             if not idle:
                 return
             in_flight = sorted(
-                ((c.work, c.node, c.sent_at) for c in session.copies.values()),
+                ((c.work, c.node, c.sent_at) for c in session.copies.values() if c.holds_slot),
                 key=lambda entry: entry[2],
             )
             chosen = backups(
@@ -305,11 +363,18 @@ class Failures:
     def resend_in_flight(self) -> int:
         """Send every batch in flight once more (the first result still wins);
         how many were sent. A batch already resent is resent again: an outage
-        seen twice loses results twice."""
+        seen twice loses results twice.
+
+        The copies in flight are presumed lost: their nodes' room is given
+        back, or the copies sent again could wait forever behind them (every
+        node's room held by results that will never come: a hang). A result
+        of theirs that does come is still taken.
+        """
         session = self.session
         resent = 0
         with session.lock:
             for copy in list(session.copies.values()):
+                copy.release(session.members)
                 work = copy.work
                 if not any(w is work for w in session.pending):
                     work.backed_up = True

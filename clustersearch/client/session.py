@@ -334,7 +334,7 @@ class Session:
             # ignored, and nothing of theirs is sent again.
             for copy in self.copies.values():
                 dropped.append(copy.work)
-                self.members.released(copy.node)
+                copy.release(self.members)
             self.copies.clear()
         for work in dropped:
             work.future.cancel()

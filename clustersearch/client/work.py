@@ -72,6 +72,16 @@ class Copy:
     # when it was sent to a free process, or when the copy before it on
     # that node came back (client/schedule.py uses it); None: queued.
     running_since: float | None = None
+    # False once its result is presumed lost (client/failures.py,
+    # resend_in_flight): its node's room is given back, and a result that
+    # still comes is taken without giving it back twice.
+    holds_slot: bool = True
+
+    def release(self, members: Any) -> None:
+        """Give its node's room back (once)."""
+        if self.holds_slot:
+            self.holds_slot = False
+            members.released(self.node)
 
 
 class Local:
