@@ -154,17 +154,21 @@ def main(argv=None):
         }
         for kind in args.only:
             result[kind] = run(kind, grid, X, y, X_test, y_test, args, cluster)
+            # Written after each search: the full grid is an hour's work.
+            _write(result, args)
     finally:
         if local is not None:
             local.close()
     if "grid" in result:
-        text = markdown(result, args)
-        print(text)
-        if args.markdown:
-            write_markdown(args.markdown, text, args.marker)
+        print(markdown(result, args))
+    return 0
+
+
+def _write(result, args):
+    if "grid" in result and args.markdown:
+        write_markdown(args.markdown, markdown(result, args), args.marker)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":

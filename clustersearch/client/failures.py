@@ -54,8 +54,8 @@ class Failures:
         self.refused: set[str] = set()
         self.broker_down_since: float | None = None
         self._reply_connection: Any = None
-        # Node -> start of the first heartbeat round of those in a row in
-        # which it held no task (see check_held).
+        # Node -> start of the last heartbeat round, if it held no task
+        # then (see check_held).
         self._empty_since: dict[str, float] = {}
 
     # -- nodes
@@ -86,8 +86,8 @@ class Failures:
         and it would hold its node's room: the search would wait forever.
         A node that answers two heartbeat rounds in a row holding no task
         (none running, none waiting) holds none of the copies sent to it
-        before the first of those rounds began: with every process free, it
-        would have taken them from its queue. Those are presumed lost: their
+        before the first of the two began: with every process free, it would
+        have taken them from its queue. Those are presumed lost: their
         room is given back and their work sent again (a result of theirs
         that still comes is taken; the first result wins).
         """
@@ -100,8 +100,10 @@ class Failures:
             if name not in session.members.window or node.running or node.queued:
                 self._empty_since.pop(name, None)
                 continue
-            since = self._empty_since.setdefault(name, t)
-            if since >= t:
+            since = self._empty_since.get(name)
+            # The next round counts the copies sent before this one.
+            self._empty_since[name] = t
+            if since is None or since >= t:
                 continue  # the first round that found it empty
             with session.lock:
                 lost = [
@@ -358,6 +360,10 @@ class Failures:
         if self._reply_connection is not None:
             logger.warning("the rpc:// result consumer reconnected: resending the work in flight")
             self.session.stats.event("results-lost", resent=self.resend_in_flight())
+            # The broker went away (a restart the heartbeat may not have
+            # seen fail): the nodes reconnect on their own schedule, and
+            # their silence meanwhile is not counted against them.
+            self.session.members.broker_back(time.monotonic())
         self._reply_connection = connection
 
     def resend_in_flight(self) -> int:
