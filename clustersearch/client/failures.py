@@ -30,7 +30,7 @@ from .recovery import (
     split_batch,
     straggler_threshold,
 )
-from .work import Local, Part, Whole, Work
+from .work import Copy, Local, Part, Whole, Work
 
 if TYPE_CHECKING:
     from .cluster import NodeInfo
@@ -110,20 +110,7 @@ class Failures:
                     c for c in session.copies.values()
                     if c.node == name and c.holds_slot and c.sent_at < since
                 ]  # fmt: skip
-                resent = 0
-                for copy in lost:
-                    copy.release(session.members)
-                    work = copy.work
-                    others = any(
-                        c.work is work and c.holds_slot for c in session.copies.values()
-                    )
-                    if others or any(w is work for w in session.pending):
-                        continue
-                    work.backed_up = True
-                    if work.only is None:
-                        work.avoid = work.avoid | {name}
-                    session.pending.append(work)
-                    resent += 1
+                resent = self._send_again(lost, avoid=name)
             if lost:
                 logger.warning(
                     "node %r holds none of the %d task(s) sent to it over %.1f s ago: "
@@ -377,13 +364,25 @@ class Failures:
         of theirs that does come is still taken.
         """
         session = self.session
-        resent = 0
         with session.lock:
-            for copy in list(session.copies.values()):
-                copy.release(session.members)
-                work = copy.work
-                if not any(w is work for w in session.pending):
-                    work.backed_up = True
-                    session.pending.append(work)
-                    resent += 1
+            return self._send_again(list(session.copies.values()))
+
+    def _send_again(self, copies: list[Copy], avoid: str | None = None) -> int:
+        """Give back the room of ``copies``, presumed lost, and queue each
+        one's work once (unless another copy of it still holds room);
+        how many were queued. ``avoid``: a node the work (unless pinned)
+        should not go back to. Called with the session's lock held."""
+        session = self.session
+        resent = 0
+        for copy in copies:
+            copy.release(session.members)
+            work = copy.work
+            held = any(c.work is work and c.holds_slot for c in session.copies.values())
+            if held or any(w is work for w in session.pending):
+                continue
+            work.backed_up = True
+            if avoid is not None and work.only is None:
+                work.avoid = work.avoid | {avoid}
+            session.pending.append(work)
+            resent += 1
         return resent
