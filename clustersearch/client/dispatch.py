@@ -71,19 +71,20 @@ def backend_is_async(backend: Any) -> bool:
     return bool(getattr(backend, "is_async", False))
 
 
-def verified_payload(signer: Signer, task_id: str, envelope: Any) -> bytes:
+def verified_payload(signer: Signer, task_id: str, envelope: Any) -> bytes | memoryview:
     """The payload of a node's result ``envelope`` for ``task_id``, its
     signature checked (with a secret); MessageRejected saying why otherwise.
     Every result is checked so before it is used: as it arrives
     (:meth:`Dispatcher.check_result`), when opened, and when a journal
     collects a dead client's stored result."""
-    if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes):
+    # bytes, or a view into the message (wire/codec.py decodes without copying).
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), bytes | memoryview):
         raise MessageRejected(
             f"not a clustersearch result ({type(envelope).__name__}): is the node "
             "running the same version?"
         )
     signer.verify("result", task_id, envelope["payload"], envelope.get("auth"))
-    payload: bytes = envelope["payload"]
+    payload: bytes | memoryview = envelope["payload"]
     return payload
 
 
@@ -531,7 +532,7 @@ class Dispatcher:
         payload = envelope.get("payload") if isinstance(envelope, dict) else None
         # Verified as it arrived (check_result): these very bytes, not again
         # (a forest's result is tens of MB).
-        if not isinstance(payload, bytes) or payload is not work.verified:
+        if not isinstance(payload, bytes | memoryview) or payload is not work.verified:
             try:
                 payload = verified_payload(self.session.signer, work.task_id, envelope)
             except MessageRejected as exc:

@@ -45,7 +45,7 @@ class Work:
         self.backed_up = False  # a second copy was sent
         self.rejected = 0  # results that failed verification (dropped)
         # The payload bytes whose signature _on_ready checked (not again).
-        self.verified: bytes | None = None
+        self.verified: bytes | memoryview | None = None
         self.sent_at: float | None = None  # when the copy that won was sent (monotonic)
         # Pinned work runs on this node or nowhere (it needs what the node
         # holds): when the node is lost it fails with NodeLostError.

@@ -47,7 +47,10 @@ def _installed_roots() -> tuple[str, ...]:
 
 _INSTALLED = _installed_roots()
 _modules_seen = 0
-_by_value: set[str] = set()
+# Module names already looked at (by value or not): each is looked at once,
+# not on every pickle (a process that keeps importing, as a node's does
+# between tasks, would otherwise resolve every module's path each time).
+_checked: set[str] = set()
 
 
 def _send_user_modules_by_value() -> None:
@@ -66,14 +69,14 @@ def _send_user_modules_by_value() -> None:
     # (a heartbeat, a result callback) that import, and the dict must not
     # change size while it is read.
     for name, module in sys.modules.copy().items():
-        if name == "__main__" or name.partition(".")[0] == "clustersearch":
+        if name in _checked:
             continue
-        if name in _by_value:
+        _checked.add(name)
+        if name == "__main__" or name.partition(".")[0] == "clustersearch":
             continue
         path = getattr(module, "__file__", None)
         if not path or os.path.realpath(path).startswith(_INSTALLED):
             continue
-        _by_value.add(name)
         try:
             cloudpickle.register_pickle_by_value(module)
         except ValueError:  # not in sys.modules under that name any more
@@ -162,7 +165,7 @@ def dumps_with_blobs(
     return buffer.getvalue(), sorted((d, k, n) for d, (k, n) in pickler.refs.items())
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes | memoryview) -> Any:
     """Inverse of :func:`dumps`."""
     if data[:1] == _ZLIB:
         data = zlib.decompress(data[1:])

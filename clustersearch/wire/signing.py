@@ -117,7 +117,7 @@ class Signer:
         return expected is not None and hmac.compare_digest(expected, proof)
 
     def _mac(
-        self, kind: str, task_id: str, signed_at: float, context: Any, payload: bytes
+        self, kind: str, task_id: str, signed_at: float, context: Any, payload: bytes | memoryview
     ) -> str:
         # sign() and verify() return before this when there is no secret.
         assert self.secret is not None
@@ -130,7 +130,7 @@ class Signer:
         return mac.hexdigest()
 
     def sign(
-        self, kind: str, task_id: str, payload: bytes, context: Any = None
+        self, kind: str, task_id: str, payload: bytes | memoryview, context: Any = None
     ) -> dict[str, Any]:
         """The ``auth`` field to send with ``payload``."""
         if self.secret is None:
@@ -142,7 +142,7 @@ class Signer:
         self,
         kind: str,
         task_id: str,
-        payload: bytes,
+        payload: bytes | memoryview,
         auth: Any,
         context: Any = None,
         *,
@@ -157,7 +157,7 @@ class Signer:
                 "side must sign with the same one (Cluster(secret=...), "
                 "$CLUSTERSEARCH_SECRET or 'clustersearch worker --secret-file')"
             )
-        if not isinstance(payload, bytes | bytearray):
+        if not isinstance(payload, bytes | bytearray | memoryview):
             raise MessageRejected(f"{kind} payload is not bytes")
         try:
             signed_at = float(auth["t"])
