@@ -65,3 +65,26 @@ def test_nodes_store_results_with_it_and_compress_them_off_the_machine(tmp_path)
     assert compresses_results(create_app("redis://127.0.0.1:6379/0").conf)
     embedded = create_app(f"filesystem://{tmp_path}")
     assert not compresses_results(embedded.conf)
+
+
+def test_chunks_are_one_frame_and_sign_as_the_joined_bytes():
+    # A node's pickle stays in the pieces the pickler wrote (its arrays not
+    # copied) until the message is encoded: one frame, the same bytes and
+    # the same signature as the joined pickle.
+    import numpy as np
+
+    from clustersearch.wire.serialization import dumps_chunks, loads
+    from clustersearch.wire.signing import Signer
+
+    trees = {"nodes": np.arange(200_000.0), "values": np.ones((500, 300)).T}
+    data = dumps_chunks(trees)
+    assert isinstance(data, codec.Chunks) and len(data.parts) > 1
+    assert len(data) == len(bytes(data)) > trees["nodes"].nbytes
+    body = codec.encode(_meta(data))
+    back = codec.decode(body)["result"]["payload"]
+    assert bytes(back) == bytes(data)
+    restored = loads(back)
+    assert np.array_equal(restored["values"], trees["values"])
+    signer = Signer(b"s" * 32)
+    signer.verify("result", "t1", back, signer.sign("result", "t1", data))
+    assert "bytes in" in repr(data) and len(repr(data)) < 100

@@ -20,7 +20,7 @@ from ..exceptions import MessageRejected
 from ..wire.config import compresses_results
 from ..wire.context import node_task
 from ..wire.protocol import RemoteFailure, StoreCall, node_name
-from ..wire.serialization import COMPRESS_OVER, dumps
+from ..wire.serialization import COMPRESS_OVER, dumps_chunks
 from ..wire.signing import Signer
 from .cache import NodeCache
 from .guard import fit_guard
@@ -209,10 +209,10 @@ def run_batch(
     }
     try:
         compress = COMPRESS_OVER if compresses_results(task.app.conf) else None
-        data = dumps(result, compress_over=compress)
+        data = dumps_chunks(result, compress_over=compress)
     except Exception as exc:
         result["output"] = RemoteFailure(exc, node)
-        data = dumps(result)
+        data = dumps_chunks(result)
     return {"payload": data, "auth": signer.sign("result", task_id, data)}
 
 

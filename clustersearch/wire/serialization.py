@@ -22,9 +22,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
-__all__ = ["COMPRESS_OVER", "dumps", "dumps_with_blobs", "loads"]
+__all__ = ["COMPRESS_OVER", "dumps", "dumps_chunks", "dumps_with_blobs", "loads"]
 
 from .._compat import CallbackContext, FuncWrapper, strip_callback_siblings
+from .codec import Chunks
 
 if TYPE_CHECKING:
 
@@ -135,18 +136,42 @@ COMPRESS_OVER = 64 * 1024
 _ZLIB = b"Z"
 
 
+class _Collector:
+    """A file for the pickler that keeps what it writes, uncopied: its
+    frames, and a large array's buffer as a view of the array's memory."""
+
+    def __init__(self) -> None:
+        self.parts: list[memoryview] = []
+
+    def write(self, data: Any) -> int:
+        view = data.raw() if isinstance(data, pickle.PickleBuffer) else memoryview(data)
+        self.parts.append(view)
+        return view.nbytes
+
+
 def dumps(obj: Any, *, compress_over: int | None = None) -> bytes:
     """Serialize ``obj`` for a node (protocol 5, by value for user code).
 
     With ``compress_over``, a pickle of more bytes than that is
     zlib-compressed (:func:`loads` reads both).
     """
+    return bytes(dumps_chunks(obj, compress_over=compress_over))
+
+
+def dumps_chunks(obj: Any, *, compress_over: int | None = None) -> bytes | Chunks:
+    """:func:`dumps`, the pickle left as :class:`~.codec.Chunks`: the
+    pieces the pickler wrote, ``obj``'s large arrays as views of their
+    memory, not copied (they must not change until the chunks are sent).
+    A node's result: a batch of fitted trees is tens of MB. A compressed
+    pickle is ``bytes``.
+    """
     _send_user_modules_by_value()
-    buffer = io.BytesIO()
-    cloudpickle.CloudPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    data = buffer.getvalue()
-    if compress_over is not None and len(data) > compress_over:
-        return _ZLIB + zlib.compress(data, 1)
+    collector = _Collector()
+    cloudpickle.CloudPickler(collector, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    data = Chunks(collector.parts)
+    if compress_over is not None and data.nbytes > compress_over:
+        compressor = zlib.compressobj(1)
+        return b"".join([_ZLIB, *map(compressor.compress, data.parts), compressor.flush()])
     return data
 
 

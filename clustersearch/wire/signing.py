@@ -39,6 +39,7 @@ import time
 from typing import Any
 
 from ..exceptions import ConfigurationError, MessageRejected
+from .codec import Chunks
 
 __all__ = ["MessageRejected", "Signer", "load_secret"]
 
@@ -117,7 +118,7 @@ class Signer:
         return expected is not None and hmac.compare_digest(expected, proof)
 
     def _mac(
-        self, kind: str, task_id: str, signed_at: float, context: Any, payload: bytes | memoryview
+        self, kind: str, task_id: str, signed_at: float, context: Any, payload: bytes | memoryview | Chunks
     ) -> str:
         # sign() and verify() return before this when there is no secret.
         assert self.secret is not None
@@ -126,11 +127,12 @@ class Signer:
                      _canonical(context)):  # fmt: skip
             mac.update(len(part).to_bytes(8, "big"))
             mac.update(part)
-        mac.update(payload)
+        for piece in payload.parts if isinstance(payload, Chunks) else (payload,):
+            mac.update(piece)
         return mac.hexdigest()
 
     def sign(
-        self, kind: str, task_id: str, payload: bytes | memoryview, context: Any = None
+        self, kind: str, task_id: str, payload: bytes | memoryview | Chunks, context: Any = None
     ) -> dict[str, Any]:
         """The ``auth`` field to send with ``payload``."""
         if self.secret is None:
