@@ -110,3 +110,23 @@ def test_a_stored_result_rings_the_clients_listener(tmp_path):
         assert client.get_task_meta("some-task-id")["status"] == "SUCCESS"
     finally:
         stop()
+
+
+def test_a_large_stored_result_is_read_where_it_lies(tmp_path):
+    # A forest's result (tens of MB) is mapped, and its payload decoded as a
+    # view into the mapping: the client never copies it into bytes first.
+    # A small one is read as bytes. Both survive the file's deletion.
+    import mmap
+
+    client = create_app(f"filesystem://{tmp_path}").backend
+    node = create_app(f"filesystem://{tmp_path}").backend
+    big = bytes(range(256)) * (transport.MAP_OVER // 256 + 1)
+    node.store_result("big", {"payload": big}, "SUCCESS")
+    node.store_result("small", {"payload": b"tiny"}, "SUCCESS")
+    meta = client.get_task_meta("big")
+    view = meta["result"]["payload"]
+    assert isinstance(view, memoryview) and isinstance(view.obj, mmap.mmap)
+    client.forget("big")
+    assert view == big
+    small = client.get_task_meta("small")["result"]["payload"]
+    assert isinstance(small.obj, bytes) and small == b"tiny"

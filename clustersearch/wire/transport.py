@@ -23,6 +23,7 @@ host to another; a system without named pipes has none).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import threading
@@ -272,7 +273,24 @@ class Transport(filesystem.Transport):
 RESULTS_BELL = ".bell"
 
 
+# A stored result this large is mapped, not read (see FilesystemBackend.get).
+MAP_OVER = 1024 * 1024
+
+
 class FilesystemBackend(_CeleryFilesystemBackend):
+    def get(self, key: str | bytes) -> Any:
+        # A forest's result is tens of MB: mapped read-only, the client
+        # verifies and unpickles it where it lies (wire/codec.py decodes it
+        # into views) instead of first copying it into a bytes object. The
+        # mapping outlives the file, which the client deletes once read.
+        try:
+            with open(self._filename(key), "rb") as f:
+                if os.fstat(f.fileno()).st_size < MAP_OVER:
+                    return f.read()
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            return None
+
     def set(self, key: str | bytes, value: str | bytes) -> None:
         _write_atomically(self._filename(key), str_to_bytes(value))
         ring(os.fsdecode(self.path), RESULTS_BELL)
