@@ -405,26 +405,50 @@ def test_search_survives_a_node_killed_mid_search():
     assert search.fits_per_node_[cluster.node_names[1]] > 12
 
 
-def test_every_node_gone_is_an_error_not_a_hang():
+class _MarkedSlowSVC(_SlowSVC):
+    """Touches $CLUSTERSEARCH_TEST_FIT_MARKER (inherited by the nodes) as a
+    fit starts: the test kills the node once the search is running, not at
+    a fixed time that a slow discovery can outlast."""
+
+    def fit(self, X, y, **kwargs):
+        marker = os.environ.get("CLUSTERSEARCH_TEST_FIT_MARKER")
+        if marker:
+            with open(marker, "a"):
+                pass
+        return super().fit(X, y, **kwargs)
+
+
+def test_every_node_gone_is_an_error_not_a_hang(tmp_path, monkeypatch):
     import signal
 
+    marker = tmp_path / "a-fit-started"
+    monkeypatch.setenv("CLUSTERSEARCH_TEST_FIT_MARKER", str(marker))
     with LocalCluster(
         n_workers=1, heartbeat_interval=0.5, missed_heartbeats=2, no_node_timeout=2.0
     ) as cluster:
-        search = ClusterGridSearchCV(_SlowSVC(), GRID, cv=3, cluster=cluster)
+        search = ClusterGridSearchCV(_MarkedSlowSVC(), GRID, cv=3, cluster=cluster)
         (victim,) = cluster.processes.values()
-        killer = threading.Timer(1.0, os.killpg, (victim.pid, signal.SIGKILL))
+        stop = threading.Event()
+
+        def kill_once_a_fit_runs():
+            while not stop.wait(0.05):
+                if marker.exists():
+                    os.killpg(victim.pid, signal.SIGKILL)
+                    return
+
+        killer = threading.Thread(target=kill_once_a_fit_runs, daemon=True)
         killer.start()
         start = time.monotonic()
         try:
             with pytest.raises(NoWorkersError, match="stopped answering.*no_node_timeout=2.0"):
                 search.fit(X, y)
         finally:
-            killer.cancel()
+            stop.set()
             killer.join(timeout=10)
         assert victim.poll() is not None, "the node was not killed during the search"
-        # The kill at 1 s, detection (2 to 3 heartbeats, up to 0.5 s of reply
-        # wait each), then no_node_timeout: about 5 s. A guard against hangs:
+        # The kill as the first fit runs, detection (2 to 3 heartbeats, up to
+        # 0.5 s of reply wait each), then no_node_timeout: about 5 s. A guard
+        # against hangs:
         assert time.monotonic() - start < 30
 
 
