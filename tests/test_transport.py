@@ -129,4 +129,5 @@ def test_a_large_stored_result_is_read_where_it_lies(tmp_path):
     client.forget("big")
     assert view == big
     small = client.get_task_meta("small")["result"]["payload"]
+    client.forget("small")
     assert isinstance(small.obj, bytes) and small == b"tiny"

@@ -47,7 +47,7 @@ class Chunks:
     """Bytes held as the pieces they were written in, joined only when the
     message is: a node's pickle of fitted trees, whose large arrays the
     pickler hands over as views of the trees' own memory
-    (:func:`.serialization.dumps`). Copying them into one ``bytes`` first
+    (:func:`.serialization.dumps_chunks`). Copying them into one ``bytes`` first
     (a growing buffer, then its value) cost a node more than the copy into
     the message did. Encoded as one frame; signed piece by piece, which is
     the same signature as over the joined bytes (:mod:`.signing`).
