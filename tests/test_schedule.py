@@ -71,6 +71,56 @@ def test_cost_model_predicts_between_refits_with_new_features():
     assert model.speed("new-node") == 1.0
 
 
+def test_cost_model_stays_bounded_on_continuous_values():
+    # A randomized search over continuous distributions: every candidate
+    # has new values. One-hot features per value (and per pair) grew X'X
+    # without bound (here 4,200 features: a 537 MB matrix, refits of
+    # seconds); the model keeps MAX_VALUES per parameter and MAX_FEATURES in
+    # all, and still learns from the values' logs.
+    rng = np.random.RandomState(0)
+    model = CostModel()
+    for _ in range(700):
+        C, gamma, tol = rng.uniform(0.01, 100, 3)
+        model.observe(feats(C=C, gamma=gamma, tol=tol), "a", 0.01 * (1 + C))
+    assert len(model.index) <= CostModel.MAX_FEATURES + 8
+    assert model._xtx.shape[0] <= 2 * (CostModel.MAX_FEATURES + 8)
+    values = {name.split("=")[0] for name in model.index if "=" in name and "&" not in name}
+    for param in ("C", "gamma", "tol"):
+        singles = [n for n in model.index if n.startswith(f"{param}=") and "&" not in n]
+        assert len(singles) == CostModel.MAX_VALUES
+        assert f"{param}#log" in model.index
+    assert values >= {"C", "gamma", "tol"}
+    new_small, new_large = feats(C=0.5, gamma=1.0, tol=1.0), feats(C=90.0, gamma=1.0, tol=1.0)
+    assert model.seconds([new_large]) > 5 * model.seconds([new_small])
+
+
+def test_guess_is_the_models_estimate_call_by_call_with_floors():
+    scheduler = Scheduler()
+    timed = [
+        (feats(max_depth=depth, min_samples_leaf=leaf), seconds * leaf)
+        for depth, seconds in ((2, 0.1), (8, 0.4), (None, 2.0))
+        for leaf in (1, 4)
+    ]
+    for f, seconds in timed:
+        scheduler.learn([f], "n", [{"fit_time": seconds, "score_time": 0.0}])
+    calls = [f for f, _ in timed]
+    work = _work(calls)
+    assert scheduler.guess(work) == pytest.approx(scheduler.model.seconds(calls), rel=1e-9)
+    # A candidate running for 30 s: its calls count at least 30 s each.
+    key = candidate_key(calls[0])
+    floor = 30.0
+    expected = sum(
+        max(scheduler.model.seconds([f]), floor if candidate_key(f) == key else 0.0)
+        for f in calls
+    )
+    assert scheduler.guess(work, {key: floor}) == pytest.approx(expected, rel=1e-9)
+    # Kept on the work until the model changes; costs replaced: worked out again.
+    est = scheduler.estimates(work)
+    assert scheduler.estimates(work) is est
+    work.costs = calls[:2]
+    assert scheduler.guess(work) == pytest.approx(scheduler.model.seconds(calls[:2]), rel=1e-9)
+
+
 def _work(costs, **attrs):
     class W:
         pass

@@ -28,7 +28,6 @@ from ..wire.protocol import TASK_NAME, RemoteFailure
 from ..wire.serialization import COMPRESS_OVER, loads
 from .failures import Failures
 from .recovery import is_connection_error, is_worker_lost, reclaim
-from .schedule import candidate_key
 from .work import Copy, Local, Part, Work
 
 if TYPE_CHECKING:
@@ -286,14 +285,15 @@ class Dispatcher:
         """For each candidate (its parameter values) with a fit running: for
         how long it has run so far, a lower bound on its other fits' time."""
         now = time.monotonic()
+        scheduler = self.session.scheduler
+        assert scheduler is not None
         floors: dict[frozenset[str], float] = {}
         for copy in self.session.copies.values():
             costs = copy.work.costs
             if copy.running_since is None or not costs or not copy.holds_slot:
                 continue
             each = (now - copy.running_since) / len(costs)
-            for feats in costs:
-                key = candidate_key(feats)
+            for key in scheduler.estimates(copy.work).keys:
                 floors[key] = max(floors.get(key, 0.0), each)
         return floors
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .schedule import Estimates
 
 __all__ = ["Copy", "Local", "Part", "Whole", "Work"]
 
@@ -53,10 +56,10 @@ class Work:
         # Its calls' journal keys and seeded flags (client/journal.py), or None.
         self.journal: tuple[list[str], list[bool]] | None = None
         # Its calls' features for the cost model (client/schedule.py), or
-        # None (not a search's fits, or longest_first off); the last
-        # expected time, as (model version, seconds).
+        # None (not a search's fits, or longest_first off); what the
+        # scheduler worked out from them (schedule.Estimates).
         self.costs: list[dict[str, float]] | None = None
-        self.guess: tuple[int, float | None] | None = None
+        self.guess: Estimates | None = None
 
 
 @dataclass(eq=False)
