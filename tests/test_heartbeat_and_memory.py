@@ -18,7 +18,7 @@ from clustersearch import Cluster, ClusterGridSearchCV
 from clustersearch.cli import main
 from clustersearch.client.policy import Policy
 from clustersearch.client.recovery import Watcher
-from clustersearch.node.memory import PRELOAD
+from clustersearch.node.memory import IDLE_S, PRELOAD, idle_cleanups
 
 
 @pytest.fixture
@@ -119,6 +119,35 @@ def test_pool_processes_share_what_was_imported_before_the_fork(embedded_cluster
         # process's collector never scans (and so never copies) them.
         assert frozen > 10_000, frozen
         assert preloaded
+
+
+def _cleanups(hold=0.0):
+    import os
+
+    before = idle_cleanups()
+    time.sleep(hold)
+    return os.getpid(), before, idle_cleanups()
+
+
+def test_a_pool_process_cleans_up_once_idle_not_while_a_task_runs(embedded_cluster):
+    # gc.collect() and malloc_trim(0) after every task made each next fit
+    # fault its memory back in (10% of the nodes' CPU on the benchmark
+    # grid); a pool process now does it once it has been idle IDLE_S.
+    with embedded_cluster.joblib() as session:
+        first = Parallel(n_jobs=2)(delayed(_cleanups)() for _ in range(4))
+        # Right after: tasks longer than IDLE_S, no clean-up while they run
+        # (their processes have just finished a task of the first round).
+        held = Parallel(n_jobs=2)(delayed(_cleanups)(IDLE_S + 0.7) for _ in range(2))
+        time.sleep(IDLE_S + 2.0)
+        last = Parallel(n_jobs=2)(delayed(_cleanups)() for _ in range(4))
+    assert sum(session.fits_per_node.values()) == 10
+    for _, before, after in held:
+        assert after == before, held
+    ran = {pid: after for pid, _, after in first + held}
+    cleaned = [(pid, before) for pid, before, _ in last if pid in ran]
+    assert cleaned, (first, held, last)
+    for pid, before in cleaned:
+        assert before > ran[pid], (first, held, last)  # cleaned once idle
 
 
 def test_nodes_report_their_memory(plain, embedded_cluster, capsys):

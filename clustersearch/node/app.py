@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import task_postrun, worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init
 
 from ..wire.config import create_app
 from ..wire.protocol import STOP_SIGNAL, TASK_NAME
 from . import control  # noqa: F401  (registers the info command)
 from .guard import install_fit_guard
-from .memory import after_task
+from .memory import after_task, before_task
 from .remote import ControlGuard
 from .settings import CONF_KEY, NodeSettings
 from .task import SignedLostRequest, run_batch
@@ -40,5 +40,6 @@ def create_node_app(
     app.task(name=TASK_NAME, bind=True, shared=False, Request=SignedLostRequest)(run_batch)
     worker_process_init.connect(install_fit_guard, weak=False, dispatch_uid=STOP_SIGNAL)
     # A pool process gives back what a fit left behind (node/memory.py).
+    task_prerun.connect(before_task, weak=False, dispatch_uid="clustersearch.before_task")
     task_postrun.connect(after_task, weak=False, dispatch_uid="clustersearch.after_task")
     return app

@@ -17,10 +17,14 @@ Where it went, and what is done about it here:
   (:data:`PRELOAD`, and the modules ``CLUSTERSEARCH_PRELOAD`` or
   ``clustersearch worker --preload`` name).
 - glibc's malloc kept what a fit freed (arenas per thread, a heap top it
-  trims lazily, a mmap threshold that grows after each large free): after
-  each task the child collects its garbage and hands free memory back
-  (:func:`after_task`), with one arena per process pair and a fixed mmap
-  threshold (:func:`tune_malloc`).
+  trims lazily, a mmap threshold that grows after each large free): once a
+  pool process has been idle :data:`IDLE_S` after a task, it collects its
+  garbage and hands free memory back (:func:`after_task`), with few
+  arenas (:func:`tune_malloc`). Not after every task: trimming the heap
+  after each one, and mapping each block over 256 KiB on its own (a fixed
+  mmap threshold), made every next fit fault its memory back in: 10% more
+  of the nodes' CPU on the 108-fit benchmark grid, the gap between the
+  embedded transport and loky (docs/benchmarks.md).
 
 ``CLUSTERSEARCH_LEAN_MEMORY=0`` turns all of it off (for the benchmark's
 baseline). :func:`node_memory` is what ``clustersearch nodes`` reports.
@@ -35,10 +39,15 @@ import gc
 import importlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRELOAD", "after_task", "before_fork", "lean", "node_memory", "tune_malloc"]
+__all__ = [
+    "IDLE_S", "PRELOAD", "after_task", "before_fork", "before_task", "idle_cleanups", "lean",
+    "node_memory", "tune_malloc",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +57,11 @@ logger = logging.getLogger(__name__)
 # pool process that fits one (benchmarks/bench_node_memory.py).
 PRELOAD = ("sklearn.model_selection._validation", "sklearn.metrics", "sklearn.ensemble")
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# glibc's mallopt parameter (malloc.h).
 _M_ARENA_MAX = -8
-# Blocks from this size up are mapped on their own and unmapped when freed
-# (glibc's initial threshold; left alone, it grows up to 32 MiB after the
-# first large free, and fitted arrays then stay in the heap).
-_MMAP_THRESHOLD = 256 * 1024
+
+# A pool process cleans up once it has been idle this long after a task.
+IDLE_S = 0.5
 
 
 def lean() -> bool:
@@ -80,13 +86,11 @@ _LIBC = _libc()
 
 
 def tune_malloc() -> None:
-    """Few arenas and a fixed mmap threshold, in the node's main process
-    (its pool processes inherit them)."""
+    """Few arenas, in the node's main process (its pool processes inherit
+    the setting)."""
     if _LIBC is None or not lean():
         return
     _LIBC.mallopt(_M_ARENA_MAX, 2)
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    _LIBC.mallopt(_M_TRIM_THRESHOLD, 4 * _MMAP_THRESHOLD)
 
 
 def before_fork() -> None:
@@ -103,13 +107,68 @@ def before_fork() -> None:
     gc.freeze()
 
 
-def after_task(**_: Any) -> None:
-    """In a pool process after each task: free what the fit left behind."""
+class _Idle:
+    """A pool process's tasks, as its cleaner thread sees them."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.busy = False
+        self.dirty = False  # a task ran since the last clean-up
+        self.last = 0.0  # when the last task ended (monotonic)
+        self.pid: int | None = None  # the process the cleaner runs in
+        self.cleanups = 0
+
+
+_IDLE = _Idle()
+
+
+def before_task(**_: Any) -> None:
+    """In a pool process before each task (Celery's ``task_prerun``)."""
     if not lean():
         return
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    with _IDLE.cond:
+        _IDLE.busy = True
+
+
+def after_task(**_: Any) -> None:
+    """In a pool process after each task (``task_postrun``): what the fit
+    left behind is freed once the process has been idle :data:`IDLE_S`."""
+    if not lean():
+        return
+    with _IDLE.cond:
+        _IDLE.busy = False
+        _IDLE.dirty = True
+        _IDLE.last = time.monotonic()
+        if _IDLE.pid != os.getpid():  # threads do not survive a fork
+            _IDLE.pid = os.getpid()
+            threading.Thread(
+                target=_clean_when_idle, name="clustersearch-idle-cleanup", daemon=True
+            ).start()
+        _IDLE.cond.notify()
+
+
+def _clean_when_idle() -> None:
+    state = _IDLE
+    while True:
+        with state.cond:
+            while state.busy or not state.dirty:
+                state.cond.wait()
+            left = state.last + IDLE_S - time.monotonic()
+            if left > 0:
+                state.cond.wait(left)
+                continue
+            state.dirty = False
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        with state.cond:
+            state.cleanups += 1
+
+
+def idle_cleanups() -> int:
+    """How many times this process cleaned up after its tasks (for tests)."""
+    with _IDLE.cond:
+        return _IDLE.cleanups
 
 
 _HEX = frozenset(b"0123456789abcdef")
