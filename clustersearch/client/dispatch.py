@@ -306,13 +306,14 @@ class Dispatcher:
         assert scheduler is not None
         now = time.monotonic()
         held: dict[str, list[tuple[float, float | None]]] = {n: [] for n in members.window}
+        speeds = scheduler.model.speeds(held)
         in_flight = []
         for copy in sorted(session.copies.values(), key=lambda c: c.sent_at):
             if copy.node not in held or not copy.holds_slot:
                 continue
             expected = None
             if copy.work.costs is not None:
-                expected = scheduler.guess(copy.work) * scheduler.model.speed(copy.node)
+                expected = scheduler.guess(copy.work) * speeds[copy.node]
             held[copy.node].append((copy.sent_at, expected))
             in_flight.append((copy.node, copy.sent_at, expected))
         concurrency = {n: members.nodes[n].concurrency for n in members.window}
@@ -330,8 +331,12 @@ class Dispatcher:
         assert scheduler is not None and work.costs is not None
         room = [n for n in members.window if members.window[n] - members.busy[n] > 0]
         room.sort(key=lambda n: (ready[n], -(members.window[n] - members.busy[n])))
+        if not room:
+            return None
+        expected = scheduler.guess(work)
+        speeds = scheduler.model.speeds(ready)
         for node in room:
-            if scheduler.fits_on(work.costs, node, ready, horizon, scheduler.guess(work)):
+            if scheduler.fits_on(work.costs, node, ready, horizon, expected, speeds):
                 return node
         return None
 

@@ -264,6 +264,18 @@ class CostModel:
         j = self.index.get(f"node={node}")
         return 1.0 if j is None or j >= len(coef) else float(math.exp(coef[j]))
 
+    def speeds(self, nodes: Iterable[str]) -> dict[str, float]:
+        """:meth:`speed` of each of ``nodes``, the model refitted (if due)
+        once for all of them."""
+        if not self.observed:
+            return dict.fromkeys(nodes, 1.0)
+        coef = self._fit()
+        out = {}
+        for node in nodes:
+            j = self.index.get(f"node={node}")
+            out[node] = 1.0 if j is None or j >= len(coef) else float(math.exp(coef[j]))
+        return out
+
     def seconds(self, calls: Sequence[Features], node: str | None = None) -> float | None:
         """Expected seconds of a batch of calls on an average node (times
         :meth:`speed` for a given one)."""
@@ -444,18 +456,23 @@ class Scheduler:
         ready: Mapping[str, float],
         horizon: float,
         expected: float | None = None,
+        speeds: Mapping[str, float] | None = None,
     ) -> bool:
         """Whether ``node`` should take a batch with ``costs`` now: it ends
         there no later than on any other node (each from when it is ready),
         or before the search's expected end ``horizon`` anyway. ``expected``:
-        its seconds on an average node, if known (else from ``costs``)."""
+        its seconds on an average node, if known (else from ``costs``);
+        ``speeds``: :meth:`CostModel.speeds` of the nodes in ``ready``, if
+        the caller has them."""
         base = self.expected(costs) if expected is None else expected
         if base is None:
             return True
-        here = ready[node] + base * self.model.speed(node)
+        if speeds is None:
+            speeds = self.model.speeds(ready)
+        here = ready[node] + base * speeds[node]
         if here <= horizon:
             return True
-        best = min(ready[m] + base * self.model.speed(m) for m in ready)
+        best = min(ready[m] + base * speeds[m] for m in ready)
         return here <= best * (1 + 1e-9) + 1e-6
 
     def horizon(
@@ -469,12 +486,14 @@ class Scheduler:
         waits (expected seconds on an average node) and what is left of the
         work in flight, over the nodes' speeds (``in_flight``: ``(node,
         sent_at, expected seconds there)``)."""
-        rate = sum(c / self.model.speed(n) for n, c in concurrency.items())
+        in_flight = list(in_flight)
+        speeds = self.model.speeds({*concurrency, *(node for node, _, _ in in_flight)})
+        rate = sum(c / speeds[n] for n, c in concurrency.items())
         if rate <= 0:
             return now
         work = float(sum(waiting))
         for node, sent_at, expected in in_flight:
             if expected is not None:
                 left = max(expected - (now - sent_at), 0.0)
-                work += left / self.model.speed(node)
+                work += left / speeds[node]
         return now + work / rate
