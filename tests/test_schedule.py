@@ -57,6 +57,8 @@ def test_cost_model_learns_which_values_take_long_and_node_speeds():
     assert long / short > 10
     assert model.speed("slow") / model.speed("fast") == pytest.approx(4, rel=0.2)
     assert model.speed("unknown") == 1.0
+    nodes = ["slow", "fast", "unknown"]
+    assert model.speeds(nodes) == {n: model.speed(n) for n in nodes}
 
 
 def test_cost_model_predicts_between_refits_with_new_features():

@@ -315,8 +315,8 @@ class Estimates:
                     rows.append(i)
                     cols.append(j)
                     vals.append(value)
-        self.rows = np.array(rows, dtype=np.intp)
-        self.cols = np.array(cols, dtype=np.intp)
+        self.rows = np.array(rows, dtype=np.int32)
+        self.cols = np.array(cols, dtype=np.int32)
         self.vals = np.array(vals, dtype=float)
         self.version = -1
         self.each = np.zeros(len(costs))
