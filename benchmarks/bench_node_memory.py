@@ -109,6 +109,7 @@ def measure(variant, X, y, round_, broker):
     from sklearn.ensemble import RandomForestClassifier
 
     from clustersearch import Cluster, ClusterGridSearchCV
+    from clustersearch.node.memory import IDLE_S
 
     name = f"mem{os.getpid()}{variant}{round_}"
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -130,7 +131,8 @@ def measure(variant, X, y, round_, broker):
                 start = time.perf_counter()
                 search.fit(X, y)
                 fit_s = time.perf_counter() - start
-                time.sleep(2)  # the pool processes finish their after-task work
+                # The pool processes clean up once idle (node/memory.py).
+                time.sleep(IDLE_S + 1.0)
                 after = node_memory(proc.pid, cache_dir)
                 reported = {n.name: n for n in cluster.nodes(memory=True)}[name]
         finally:

@@ -61,7 +61,13 @@ PRELOAD = ("sklearn.model_selection._validation", "sklearn.metrics", "sklearn.en
 _M_ARENA_MAX = -8
 
 # A pool process cleans up once it has been idle this long after a task.
-IDLE_S = 0.5
+# Not sooner: with 0.5 s, nodes slowed to 1/2 and 1/4 of a CPU (whose
+# processes wait between tasks while the scheduler keeps long fits for
+# faster nodes) ended the mixed-node benchmark 1.03x to 1.13x its bound in
+# 4 runs, against 1.01x to 1.02x without the clean-up and with 2 s
+# (benchmarks/bench_makespan.py --nodes mixed); a clean-up that a task
+# meets holds it up (the collector holds the interpreter, a trim the heap).
+IDLE_S = 2.0
 
 
 def lean() -> bool:
@@ -159,6 +165,10 @@ def _clean_when_idle() -> None:
                 continue
             state.dirty = False
         gc.collect()
+        with state.cond:
+            if state.busy:  # a task came in meanwhile: trim later
+                state.dirty = True
+                continue
         if _LIBC is not None:
             _LIBC.malloc_trim(0)
         with state.cond:
