@@ -603,17 +603,22 @@ def test_broker_restart_with_rpc_results(net, fault_free, tmp_path):
         rpc.close()
     run.check(fault_free)
     assert not run.all("lost"), run.events
-    down = run.first("broker-down")
     # The client noticed and sent the batches in flight again: a fit was
     # running when the broker stopped, so at least that one.
     lost_results = run.all("results-lost")
     assert lost_results, run.events
     resent = sum(e["resent"] for e in lost_results)
     assert resent >= 1, lost_results
+    # When the restart is quick the client may reconnect before a heartbeat
+    # reports the broker down (2 of 4 runs of the fault suite on 2026-12-07,
+    # on the code of that day and the day before): the resend above is what
+    # matters; detection is timed from whichever came first.
+    noticed = run.all("broker-down") + lost_results
+    first = min(e["t"] for e in noticed)
     outage = run.started_at - run.fault_at
     _report(
         "broker restart, rpc://", run, fault_free,
-        detection=down["t"] - run.fault_at, outage=outage, resent=resent,
+        detection=first - run.fault_at, outage=outage, resent=resent,
         late_results=run.session.late_results,
     )  # fmt: skip
 
