@@ -258,11 +258,7 @@ class CostModel:
     def speed(self, node: str) -> float:
         """How many times longer than an average node ``node`` takes (1.0
         when unknown)."""
-        if not self.observed:
-            return 1.0
-        coef = self._fit()
-        j = self.index.get(f"node={node}")
-        return 1.0 if j is None or j >= len(coef) else float(math.exp(coef[j]))
+        return self.speeds((node,))[node]
 
     def speeds(self, nodes: Iterable[str]) -> dict[str, float]:
         """:meth:`speed` of each of ``nodes``, the model refitted (if due)
